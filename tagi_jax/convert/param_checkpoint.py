@@ -1,0 +1,76 @@
+"""A frozen T5 as an orbax parameter checkpoint: ``<dir>/params`` plus ``<dir>/t5_config.json``.
+
+This is how converted base models are stored for training: restoring takes target shardings,
+so a checkpoint written on one mesh loads onto any other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from tagi_jax.convert.tensor_store import CheckpointError
+from tagi_jax.models import t5
+from tagi_jax.models.t5_config import T5Config
+from tagi_jax.parallel.partitioning import DEFAULT_RULES, AxisRules, logical_to_shardings
+
+CONFIG_FILE = "t5_config.json"
+PARAMS_DIR = "params"
+
+
+def save(directory: str, config: T5Config, params: Any) -> None:
+    """Writes the parameters and config; refuses to replace an existing checkpoint."""
+    directory = os.path.abspath(directory)
+    params_path = os.path.join(directory, PARAMS_DIR)
+    if os.path.exists(params_path):
+        raise FileExistsError(f"{params_path} already exists; not overwriting a checkpoint")
+    os.makedirs(directory, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(params_path, params)
+    checkpointer.wait_until_finished()
+    # The config goes last: a directory with a config has complete parameters.
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        f.write(config.to_json())
+
+
+def read_config(directory: str) -> T5Config:
+    path = os.path.join(directory, CONFIG_FILE)
+    try:
+        with open(path) as f:
+            return T5Config.from_dict(json.load(f))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"missing {path}: not a tagi_jax parameter checkpoint") from e
+    except (OSError, json.JSONDecodeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+def load(
+    directory: str, *, mesh: Mesh | None = None, axis_rules: AxisRules = DEFAULT_RULES
+) -> tuple[T5Config, Any]:
+    """Restores ``(config, params)``, sharded over ``mesh`` when one is given."""
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"parameter checkpoint directory does not exist: {directory}")
+    config = read_config(directory)
+    params_path = os.path.join(directory, PARAMS_DIR)
+    if not os.path.isdir(params_path):
+        raise CheckpointError(f"missing {params_path}: the checkpoint has no parameters")
+    abstract = t5.abstract_params(config)
+    if mesh is not None:
+        shardings = logical_to_shardings(t5.param_logical_axes(config), mesh, axis_rules)
+    else:
+        device = SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    try:
+        params = ocp.StandardCheckpointer().restore(params_path, target)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"cannot restore {params_path} for {CONFIG_FILE}: {e}") from e
+    return config, params

@@ -1,0 +1,369 @@
+"""T5 building blocks in Flax Linen with logical axis names.
+
+Every parameter is created through ``nn.with_logical_partitioning`` (t5x vocabulary: batch,
+length, embed, mlp, heads, kv, joined_kv, vocab, relpos_buckets, layers) and every large
+activation passes ``nn.with_logical_constraint``; outside a mesh both are no-ops. The modules
+know nothing about meshes, hypernetworks or checkpoints.
+
+Numerics follow the reference T5 exactly: RMS layer norm in float32, no 1/sqrt(d) in attention
+(it is folded into the initialisation), softmax in float32, relative position buckets computed
+with the same float32 log as Mesh TensorFlow and Hugging Face.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tagi_jax.models.t5_config import T5Config
+
+# Added to attention logits at masked positions. Finite (not -inf and not finfo.min) so that
+# adding the relative position bias can never overflow to -inf and a fully masked row gives a
+# uniform distribution instead of NaN.
+MASK_VALUE = -1e10
+
+constrain = nn.with_logical_constraint
+
+
+def dtype_of(name: str) -> Any:
+    return jnp.dtype(name)
+
+
+def activation_fn(name: str):
+    """The FFN activation under its Hugging Face name."""
+    if name == "relu":
+        return jax.nn.relu
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return functools.partial(jax.nn.gelu, approximate=True)
+    if name == "gelu":
+        return functools.partial(jax.nn.gelu, approximate=False)
+    if name in ("silu", "swish"):
+        return jax.nn.silu
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale only, no mean subtraction, statistics in float32."""
+
+    epsilon: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(variance + self.epsilon)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Dense(nn.Module):
+    """A bias-free projection ``x @ kernel`` over the last axis.
+
+    Kernels are 2-D ``[in, out]`` (the transpose of a PyTorch ``Linear`` weight) so that a LoRA
+    pair ``A [in, r]``, ``B [r, out]`` applies and merges without reshapes.
+    """
+
+    features: int
+    kernel_axes: tuple[str, str]
+    dtype: Any
+    param_dtype: Any
+    kernel_init: Any = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+            (x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        return jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class Embed(nn.Module):
+    """Token embedding ``[vocab, embed]``, also the tied output projection of T5 v1.0."""
+
+    num_embeddings: int
+    features: int
+    dtype: Any
+    param_dtype: Any
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, tokens):
+        out = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+        return constrain(out, ("batch", "length", "embed"))
+
+    def attend(self, x):
+        """Logits against the embedding table (tied head)."""
+        return jnp.einsum("...e,ve->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))
+
+
+# --- relative positions -------------------------------------------------------------------
+
+
+def relative_position_bucket(
+    relative_position: np.ndarray, *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> np.ndarray:
+    """T5's bucket of ``memory_position - query_position``, in numpy.
+
+    Small distances get one bucket each, larger ones logarithmic bins up to ``max_distance``.
+    The log is taken in float32 and truncated like Mesh TensorFlow / Hugging Face, so bucket
+    boundaries match theirs exactly (tests compare against the PyTorch function). Evaluated in
+    numpy at trace time: buckets depend only on static shapes.
+    """
+    relative_position = np.asarray(relative_position, dtype=np.int64)
+    buckets = np.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative_position > 0).astype(np.int64) * num_buckets
+        distance = np.abs(relative_position)
+    else:
+        distance = -np.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    with np.errstate(divide="ignore"):
+        scaled = (
+            np.log(distance.astype(np.float32) / np.float32(max_exact))
+            / np.float32(math.log(max_distance / max_exact))
+            * np.float32(num_buckets - max_exact)
+        ).astype(np.float32)
+    # Small distances take the other branch, so the -inf of log(0) is never used; clip it before
+    # the cast so numpy does not warn about an invalid conversion.
+    scaled = np.where(is_small, 0.0, scaled)
+    if_large = max_exact + scaled.astype(np.int64)
+    if_large = np.minimum(if_large, num_buckets - 1)
+    return buckets + np.where(is_small, distance, if_large)
+
+
+class RelativePositionBiases(nn.Module):
+    """Learned per-head bias over relative position buckets, ``[buckets, heads]``.
+
+    Shared by all layers of one stack (Hugging Face stores it in block 0).
+    """
+
+    num_buckets: int
+    max_distance: int
+    num_heads: int
+    bidirectional: bool
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, query_positions, key_length: int, max_query_length: int):
+        """Bias ``[1, heads, q, k]`` in float32 for query positions (static or traced ints).
+
+        ``max_query_length`` bounds the query positions so the bucket table can be built in
+        numpy; in incremental decoding the single query position is a traced scalar.
+        """
+        embedding = self.param(
+            "rel_embedding",
+            nn.with_logical_partitioning(
+                nn.initializers.normal(stddev=1.0), ("relpos_buckets", "heads")
+            ),
+            (self.num_buckets, self.num_heads),
+            self.param_dtype,
+        )
+        offset = max_query_length - 1
+        relative = np.arange(-offset, key_length)
+        table = relative_position_bucket(
+            relative,
+            bidirectional=self.bidirectional,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )
+        rel = jnp.arange(key_length)[None, :] - query_positions[:, None]
+        buckets = jnp.asarray(table, dtype=jnp.int32)[rel + offset]
+        values = jnp.take(embedding.astype(jnp.float32), buckets, axis=0)  # [q, k, heads]
+        return jnp.transpose(values, (2, 0, 1))[None]
+
+
+def padding_bias(key_tokens) -> jax.Array:
+    """Additive float32 mask ``[batch, 1, 1, k]`` that hides padding (token id 0) keys."""
+    return jnp.where(key_tokens > 0, 0.0, MASK_VALUE)[:, None, None, :].astype(jnp.float32)
+
+
+def causal_bias(length: int) -> jax.Array:
+    """Additive float32 mask ``[1, 1, q, k]`` that hides future keys."""
+    allowed = np.tril(np.ones((length, length), dtype=bool))
+    return jnp.asarray(np.where(allowed, 0.0, MASK_VALUE), dtype=jnp.float32)[None, None]
+
+
+# --- attention ----------------------------------------------------------------------------
+
+
+class MultiHeadAttention(nn.Module):
+    """T5 attention: 2-D ``query/key/value/out`` kernels over ``joined_kv``, no logit scaling.
+
+    Incremental decoding keeps keys and values in the ``cache`` collection. A first call with
+    ``decode=True`` and no cache creates it: zeros of the full target length for
+    self-attention, the projected encoder states for cross-attention (computed once, not at
+    every step). Later calls with ``decode=True`` take one token at ``decode_position``.
+    """
+
+    config: T5Config
+    is_cross_attention: bool = False
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, inputs_q, inputs_kv, bias, *, decode: bool = False, decode_position=None):
+        cfg = self.config
+        dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        # Mesh TensorFlow's initialisation, which folds the 1/sqrt(d_kv) of attention into q.
+        d_model, inner = cfg.d_model, cfg.inner_dim
+        q_init = nn.initializers.normal(stddev=(d_model * cfg.d_kv) ** -0.5)
+        kv_init = nn.initializers.normal(stddev=d_model**-0.5)
+        o_init = nn.initializers.normal(stddev=inner**-0.5)
+        proj = functools.partial(Dense, dtype=dtype, param_dtype=pdtype)
+        query = proj(inner, ("embed", "joined_kv"), kernel_init=q_init, name="query")
+        key = proj(inner, ("embed", "joined_kv"), kernel_init=kv_init, name="key")
+        value = proj(inner, ("embed", "joined_kv"), kernel_init=kv_init, name="value")
+        out = proj(d_model, ("joined_kv", "embed"), kernel_init=o_init, name="out")
+
+        def split_heads(x):
+            x = x.reshape(x.shape[:-1] + (cfg.num_heads, cfg.d_kv))
+            return constrain(x, ("batch", "length", "heads", "kv"))
+
+        q = split_heads(query(inputs_q))
+
+        if decode and self.is_cross_attention:
+            # Project the encoder states once; every later step reads them from the cache.
+            k_cache = self.variable("cache", "cross_key", lambda: split_heads(key(inputs_kv)))
+            v_cache = self.variable("cache", "cross_value", lambda: split_heads(value(inputs_kv)))
+            k, v = k_cache.value, v_cache.value
+        elif decode:
+            is_step = self.has_variable("cache", "cached_key")
+            k_new = split_heads(key(inputs_kv))
+            v_new = split_heads(value(inputs_kv))
+            k_cache = self.variable("cache", "cached_key", jnp.zeros, k_new.shape, k_new.dtype)
+            v_cache = self.variable("cache", "cached_value", jnp.zeros, v_new.shape, v_new.dtype)
+            if is_step:
+                if k_new.shape[1] != 1:
+                    raise ValueError(
+                        f"incremental decoding takes one token per step, got length {k_new.shape[1]}"
+                    )
+                index = (0, decode_position, 0, 0)
+                k_cache.value = jax.lax.dynamic_update_slice(k_cache.value, k_new, index)
+                v_cache.value = jax.lax.dynamic_update_slice(v_cache.value, v_new, index)
+                k, v = k_cache.value, v_cache.value
+            else:
+                k, v = k_new, v_new
+        else:
+            k = split_heads(key(inputs_kv))
+            v = split_heads(value(inputs_kv))
+
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+        if bias is not None:
+            scores = scores + bias
+        weights = jax.nn.softmax(scores, axis=-1)
+        if not self.deterministic and cfg.dropout_rate > 0.0:
+            weights = nn.Dropout(rate=cfg.dropout_rate)(weights, deterministic=False)
+        context = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), v)
+        context = context.reshape(context.shape[:2] + (inner,))
+        context = constrain(context, ("batch", "length", "joined_kv"))
+        return out(context)
+
+
+class MlpBlock(nn.Module):
+    """T5 FFN: ``wo(act(wi(x)))`` (v1.0) or ``wo(act(wi_0(x)) * wi_1(x))`` (v1.1, gated)."""
+
+    config: T5Config
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        proj = functools.partial(Dense, dtype=dtype, param_dtype=pdtype)
+        wi_init = nn.initializers.normal(stddev=cfg.d_model**-0.5)
+        wo_init = nn.initializers.normal(stddev=cfg.d_ff**-0.5)
+        act = activation_fn(cfg.dense_act_fn)
+        if cfg.is_gated_act:
+            h = act(proj(cfg.d_ff, ("embed", "mlp"), kernel_init=wi_init, name="wi_0")(x))
+            h = h * proj(cfg.d_ff, ("embed", "mlp"), kernel_init=wi_init, name="wi_1")(x)
+        else:
+            h = act(proj(cfg.d_ff, ("embed", "mlp"), kernel_init=wi_init, name="wi")(x))
+        h = constrain(h, ("batch", "length", "mlp"))
+        h = nn.Dropout(rate=cfg.dropout_rate)(h, deterministic=self.deterministic)
+        return proj(cfg.d_model, ("mlp", "embed"), kernel_init=wo_init, name="wo")(h)
+
+
+# --- blocks -------------------------------------------------------------------------------
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm self-attention then pre-norm FFN, each with dropout and a residual."""
+
+    config: T5Config
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, bias):
+        cfg = self.config
+        dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        norm = functools.partial(RMSNorm, cfg.layer_norm_epsilon, dtype, pdtype)
+        drop = nn.Dropout(rate=cfg.dropout_rate)
+        det = self.deterministic
+
+        h = norm(name="pre_attention_layer_norm")(x)
+        h = MultiHeadAttention(cfg, deterministic=det, name="attention")(h, h, bias)
+        x = x + drop(h, deterministic=det)
+
+        h = norm(name="pre_mlp_layer_norm")(x)
+        h = MlpBlock(cfg, deterministic=det, name="mlp")(h)
+        x = x + drop(h, deterministic=det)
+        # (carry, per-layer output): the signature nn.scan needs; the loop form ignores it.
+        return constrain(x, ("batch", "length", "embed")), None
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention, cross-attention over the encoder, then the FFN."""
+
+    config: T5Config
+    deterministic: bool = True
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, encoded, self_bias, cross_bias, decode_position):
+        cfg = self.config
+        dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        norm = functools.partial(RMSNorm, cfg.layer_norm_epsilon, dtype, pdtype)
+        drop = nn.Dropout(rate=cfg.dropout_rate)
+        det = self.deterministic
+        step = dict(decode=self.decode, decode_position=decode_position)
+
+        h = norm(name="pre_self_attention_layer_norm")(x)
+        h = MultiHeadAttention(cfg, deterministic=det, name="self_attention")(
+            h, h, self_bias, **step
+        )
+        x = x + drop(h, deterministic=det)
+
+        h = norm(name="pre_cross_attention_layer_norm")(x)
+        h = MultiHeadAttention(
+            cfg, is_cross_attention=True, deterministic=det, name="encoder_decoder_attention"
+        )(h, encoded, cross_bias, **step)
+        x = x + drop(h, deterministic=det)
+
+        h = norm(name="pre_mlp_layer_norm")(x)
+        h = MlpBlock(cfg, deterministic=det, name="mlp")(h)
+        x = x + drop(h, deterministic=det)
+        # (carry, per-layer output): the signature nn.scan needs; the loop form ignores it.
+        return constrain(x, ("batch", "length", "embed")), None

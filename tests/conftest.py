@@ -1,0 +1,36 @@
+"""Test environment: 8 fake CPU devices, no network, quiet TensorFlow.
+
+Everything here must run before jax initialises a backend, so it sits at the top of conftest.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Eight fake devices for the sharding tests; a stuck collective fails in seconds, not minutes
+# (see ../shared/docs/dependencies.md §3).
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    _flags += " --xla_force_host_platform_device_count=8"
+if "collective_call_terminate_timeout" not in _flags:
+    _flags += (
+        " --xla_cpu_collective_call_warn_stuck_timeout_seconds=5"
+        " --xla_cpu_collective_call_terminate_timeout_seconds=10"
+    )
+os.environ["XLA_FLAGS"] = _flags.strip()
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir():
+    """../shared/data next to the repository (never copied into it)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.abspath(os.path.join(here, "..", "..", "shared", "data"))
+    if not os.path.isdir(path):
+        pytest.skip(f"shared data not found at {path}")
+    return path
