@@ -14,24 +14,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tagi_jax.models import t5
-from tagi_jax.models.t5_config import T5Config
 from tagi_jax.parallel import mesh as mesh_lib
 from tagi_jax.parallel import partitioning
+from tagi_jax.testing.tiny_t5 import TINY_T5
 
 pytestmark = pytest.mark.multidevice
 
-CONFIG = T5Config(
-    vocab_size=288,
-    d_model=64,
-    d_kv=16,
-    d_ff=128,
-    num_layers=2,
-    num_decoder_layers=2,
-    num_heads=4,
-    relative_attention_num_buckets=8,
-    relative_attention_max_distance=20,
-    dropout_rate=0.0,
-)
+CONFIG = TINY_T5.replace(num_decoder_layers=2)
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,9 @@ import pytest
 
 from tagi_jax.models import t5
 from tagi_jax.models.t5_config import T5Config
+from tagi_jax.testing.tiny_t5 import TINY_T5
 
-CONFIG = T5Config(
-    vocab_size=288,
-    d_model=64,
-    d_kv=16,
-    d_ff=128,
-    num_layers=2,
-    num_decoder_layers=3,
-    num_heads=4,
-    relative_attention_num_buckets=8,
-    relative_attention_max_distance=20,
-    dropout_rate=0.1,
-)
+CONFIG = TINY_T5.replace(dropout_rate=0.1)
 
 
 def _batch(seed=0):

@@ -31,12 +31,12 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh
 
 from tagi_jax.convert.tensor_store import CheckpointError, TensorStore
 from tagi_jax.models import t5
 from tagi_jax.models.t5_config import T5Config
-from tagi_jax.parallel.partitioning import DEFAULT_RULES, AxisRules, logical_to_shardings
+from tagi_jax.parallel.partitioning import DEFAULT_RULES, AxisRules, shardings_or_single_device
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +211,7 @@ def load(
     store = TensorStore(path)
     config = _resolve_head(config, store)
     abstract = t5.abstract_params(config)
-    if mesh is not None:
-        shardings = logical_to_shardings(t5.param_logical_axes(config), mesh, axis_rules)
-    else:
-        device = SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract)
+    shardings = shardings_or_single_device(t5.param_logical_axes(config), mesh, axis_rules)
     sources = parameter_sources(config)
     shared_name = _alias_shared(store)
     sources[("token_embedder", "embedding")] = _Source((shared_name,), False, False)

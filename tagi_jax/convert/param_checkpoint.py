@@ -12,12 +12,12 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh
 
 from tagi_jax.convert.tensor_store import CheckpointError
 from tagi_jax.models import t5
 from tagi_jax.models.t5_config import T5Config
-from tagi_jax.parallel.partitioning import DEFAULT_RULES, AxisRules, logical_to_shardings
+from tagi_jax.parallel.partitioning import DEFAULT_RULES, AxisRules, shardings_or_single_device
 
 CONFIG_FILE = "t5_config.json"
 PARAMS_DIR = "params"
@@ -61,11 +61,7 @@ def load(
     if not os.path.isdir(params_path):
         raise CheckpointError(f"missing {params_path}: the checkpoint has no parameters")
     abstract = t5.abstract_params(config)
-    if mesh is not None:
-        shardings = logical_to_shardings(t5.param_logical_axes(config), mesh, axis_rules)
-    else:
-        device = SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract)
+    shardings = shardings_or_single_device(t5.param_logical_axes(config), mesh, axis_rules)
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )

@@ -79,6 +79,18 @@ def _run_layers(layer_cls, config: T5Config, num_layers: int, x, args, **module_
     return x
 
 
+def _relative_position_biases(config: T5Config, *, bidirectional: bool):
+    """The stack's shared relative-position bias (encoder: both directions; decoder: causal)."""
+    return layers.RelativePositionBiases(
+        config.relative_attention_num_buckets,
+        config.relative_attention_max_distance,
+        config.num_heads,
+        bidirectional=bidirectional,
+        param_dtype=layers.dtype_of(config.param_dtype),
+        name="relpos_bias",
+    )
+
+
 class Encoder(nn.Module):
     config: T5Config
     embedder: layers.Embed
@@ -90,14 +102,9 @@ class Encoder(nn.Module):
         length = tokens.shape[1]
         x = self.embedder(tokens)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
-        relpos = layers.RelativePositionBiases(
-            cfg.relative_attention_num_buckets,
-            cfg.relative_attention_max_distance,
-            cfg.num_heads,
-            bidirectional=True,
-            param_dtype=layers.dtype_of(cfg.param_dtype),
-            name="relpos_bias",
-        )(jnp.arange(length), length, length)
+        relpos = _relative_position_biases(cfg, bidirectional=True)(
+            jnp.arange(length), length, length
+        )
         bias = relpos + layers.padding_bias(tokens)
         x = _run_layers(
             layers.EncoderLayer,
@@ -134,14 +141,7 @@ class Decoder(nn.Module):
         dtype, pdtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
         x = self.embedder(decoder_tokens)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
-        relpos_module = layers.RelativePositionBiases(
-            cfg.relative_attention_num_buckets,
-            cfg.relative_attention_max_distance,
-            cfg.num_heads,
-            bidirectional=False,
-            param_dtype=pdtype,
-            name="relpos_bias",
-        )
+        relpos_module = _relative_position_biases(cfg, bidirectional=False)
         if self.decode and decode_position is not None:
             # One query at a traced position over the whole cache; future slots are masked.
             max_length = self._cache_length()

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import flax.linen as nn
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 AxisRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
@@ -34,6 +34,16 @@ DEFAULT_RULES: AxisRules = (
 def logical_to_shardings(logical_specs, mesh: Mesh, rules: AxisRules = DEFAULT_RULES):
     """A ``NamedSharding`` per leaf of a tree of logical ``PartitionSpec``s."""
     return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
+
+
+def shardings_or_single_device(logical_specs, mesh: Mesh | None, rules: AxisRules = DEFAULT_RULES):
+    """Shardings over ``mesh`` by ``rules``; without a mesh, everything on the first local device."""
+    if mesh is not None:
+        return logical_to_shardings(logical_specs, mesh, rules)
+    device = SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(
+        lambda _: device, logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
 
 
 def mesh_spec(

@@ -17,25 +17,18 @@ import torch
 import transformers
 from transformers import T5Config, T5ForConditionalGeneration
 
+from tagi_jax.testing.tiny_t5 import TINY_T5
+
 # The reference's progress bars and its (expected) "will NOT tie them" notice are noise here.
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
 
-TINY = dict(
-    vocab_size=288,
-    d_model=64,
-    d_kv=16,
-    d_ff=128,
-    num_layers=2,
-    num_decoder_layers=3,
-    num_heads=4,
-    relative_attention_num_buckets=8,
-    relative_attention_max_distance=20,
-    dropout_rate=0.0,
-    decoder_start_token_id=0,
-    pad_token_id=0,
-    eos_token_id=1,
-)
+# transformers' names for the fields of TINY_T5 that do not depend on the variant.
+TINY = {
+    k: v
+    for k, v in TINY_T5.to_hf_dict().items()
+    if k not in ("architectures", "feed_forward_proj", "tie_word_embeddings")
+}
 
 VARIANTS = ("v1_0", "v1_1")
 
