@@ -61,3 +61,52 @@ def test_unknown_field_is_named():
 def test_malformed_gin_is_an_error():
     with pytest.raises((SyntaxError, ValueError)):
         gin.parse_config("T5Config.d_model = = 3")
+
+
+def _parse(*files):
+    for f in files:
+        gin.parse_config_file(os.path.join(GIN_ROOT, f))
+
+
+def test_paper_preset_is_the_default():
+    from tagi_jax.models.tagi_config import TagiConfig
+
+    _parse("models/t5_1_1_base.gin", "methods/paper.gin")
+    config = configurables.tagi_config()
+    default = TagiConfig(t5=config.t5)
+    assert config == default
+    assert config.hyper.generator == "per_layer" and config.hyper.init == "zero_b"
+
+
+def test_authors_code_preset():
+    _parse("models/t5_1_1_base.gin", "methods/authors_code.gin")
+    config = configurables.tagi_config()
+    assert config.hyper.generator == "shared_indexed"
+    assert config.hyper.instruction_dim == 255 and config.hyper.hidden_dim == 8
+    assert config.hyper.init == "authors" and config.hyper.divide_b_by_sqrt_rank
+    assert config.hyper.pooling == "first_last_sum_unmasked"
+    assert config.instruction_encoder_t5 == config.t5
+    assert config.trainable == "authors_code"
+
+
+@pytest.mark.parametrize("method", ["paper", "authors_code"])
+def test_tiny_presets_build_and_run(method):
+    import jax.numpy as jnp
+
+    from tagi_jax.models import tagi, trainable
+
+    _parse("models/t5_1_1_tiny.gin", f"methods/{method}.gin", "methods/tiny_hyper.gin")
+    config = configurables.tagi_config()
+    assert config.hyper.rank == 4
+    params = tagi.init_params(config, jax.random.key(0))
+    batch = {k: jnp.ones((2, 5), jnp.int32) for k in tagi.BATCH_KEYS}
+    logits, aux = tagi.forward(config, params, batch)
+    assert logits.shape == (2, 5, config.t5.vocab_size)
+    n_train, n_total = trainable.count(params, trainable.trainable_mask(config, params))
+    assert 0 < n_train < n_total
+
+
+def test_hyper_unknown_field_is_named():
+    gin.parse_config("HyperConfig.rnak = 3")
+    with pytest.raises(ValueError, match="rnak"):
+        configurables.hyper_config()

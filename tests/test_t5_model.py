@@ -154,7 +154,7 @@ def test_greedy_decode_compiles_once(params):
 
 def test_rejects_bad_input(params):
     enc, dec = _batch()
-    with pytest.raises(NotImplementedError, match="adapters"):
+    with pytest.raises(TypeError, match="LoraAdapters"):
         t5.forward(CONFIG, params, enc, dec, adapters={"q": 1})
     with pytest.raises(ValueError, match="encoder_input_tokens"):
         t5.forward(CONFIG, params, enc[0], dec)

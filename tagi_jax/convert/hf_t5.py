@@ -284,6 +284,11 @@ def save(config: T5Config, params, path: str) -> None:
     Tensors are fetched and written one at a time, so host memory holds one tensor, not the
     model. An existing ``model.safetensors`` is replaced atomically (written aside, then moved).
     """
+    if config.instruction_cross_attention:
+        raise ValueError(
+            "T5Config.instruction_cross_attention layers have no Hugging Face T5 equivalent; "
+            "save the backbone without them"
+        )
     os.makedirs(path, exist_ok=True)
     entries = _hf_tensors(config, params)
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tagi_jax.models import lora as lora_lib
 from tagi_jax.models.t5_config import T5Config
 
 # Added to attention logits at masked positions. Finite (not -inf and not finfo.min) so that
@@ -83,14 +84,18 @@ class Dense(nn.Module):
     kernel_init: Any = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, lora=None):
+        """``lora``: optional per-example ``(A [batch, in, r], B [batch, r, out])``."""
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
             (x.shape[-1], self.features),
             self.param_dtype,
         )
-        return jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        if lora is not None:
+            y = lora_lib.apply(x, y, lora, self.dtype)
+        return y
 
 
 class Embed(nn.Module):
@@ -222,16 +227,30 @@ class MultiHeadAttention(nn.Module):
     config: T5Config
     is_cross_attention: bool = False
     deterministic: bool = True
+    zero_init_out: bool = False
 
     @nn.compact
-    def __call__(self, inputs_q, inputs_kv, bias, *, decode: bool = False, decode_position=None):
+    def __call__(
+        self,
+        inputs_q,
+        inputs_kv,
+        bias,
+        *,
+        decode: bool = False,
+        decode_position=None,
+        adapters=None,
+    ):
+        """``adapters``: optional ``{"query"|"key"|"value"|"out": (A, B)}`` for this block."""
         cfg = self.config
+        adapters = adapters or {}
         dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         # Mesh TensorFlow's initialisation, which folds the 1/sqrt(d_kv) of attention into q.
         d_model, inner = cfg.d_model, cfg.inner_dim
         q_init = nn.initializers.normal(stddev=(d_model * cfg.d_kv) ** -0.5)
         kv_init = nn.initializers.normal(stddev=d_model**-0.5)
-        o_init = nn.initializers.normal(stddev=inner**-0.5)
+        o_init = (
+            nn.initializers.zeros if self.zero_init_out else nn.initializers.normal(inner**-0.5)
+        )
         proj = functools.partial(Dense, dtype=dtype, param_dtype=pdtype)
         query = proj(inner, ("embed", "joined_kv"), kernel_init=q_init, name="query")
         key = proj(inner, ("embed", "joined_kv"), kernel_init=kv_init, name="key")
@@ -242,17 +261,23 @@ class MultiHeadAttention(nn.Module):
             x = x.reshape(x.shape[:-1] + (cfg.num_heads, cfg.d_kv))
             return constrain(x, ("batch", "length", "heads", "kv"))
 
-        q = split_heads(query(inputs_q))
+        q = split_heads(query(inputs_q, adapters.get("query")))
+        project_key = functools.partial(key, lora=adapters.get("key"))
+        project_value = functools.partial(value, lora=adapters.get("value"))
 
         if decode and self.is_cross_attention:
             # Project the encoder states once; every later step reads them from the cache.
-            k_cache = self.variable("cache", "cross_key", lambda: split_heads(key(inputs_kv)))
-            v_cache = self.variable("cache", "cross_value", lambda: split_heads(value(inputs_kv)))
+            k_cache = self.variable(
+                "cache", "cross_key", lambda: split_heads(project_key(inputs_kv))
+            )
+            v_cache = self.variable(
+                "cache", "cross_value", lambda: split_heads(project_value(inputs_kv))
+            )
             k, v = k_cache.value, v_cache.value
         elif decode:
             is_step = self.has_variable("cache", "cached_key")
-            k_new = split_heads(key(inputs_kv))
-            v_new = split_heads(value(inputs_kv))
+            k_new = split_heads(project_key(inputs_kv))
+            v_new = split_heads(project_value(inputs_kv))
             k_cache = self.variable("cache", "cached_key", jnp.zeros, k_new.shape, k_new.dtype)
             v_cache = self.variable("cache", "cached_value", jnp.zeros, v_new.shape, v_new.dtype)
             if is_step:
@@ -267,8 +292,8 @@ class MultiHeadAttention(nn.Module):
             else:
                 k, v = k_new, v_new
         else:
-            k = split_heads(key(inputs_kv))
-            v = split_heads(value(inputs_kv))
+            k = split_heads(project_key(inputs_kv))
+            v = split_heads(project_value(inputs_kv))
 
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
         if bias is not None:
@@ -279,7 +304,7 @@ class MultiHeadAttention(nn.Module):
         context = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), v)
         context = context.reshape(context.shape[:2] + (inner,))
         context = constrain(context, ("batch", "length", "joined_kv"))
-        return out(context)
+        return out(context, adapters.get("out"))
 
 
 class MlpBlock(nn.Module):
@@ -289,21 +314,26 @@ class MlpBlock(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, adapters=None):
+        """``adapters``: optional ``{"wi"|"wi_0"|"wi_1"|"wo": (A, B)}`` for this block."""
         cfg = self.config
+        adapters = adapters or {}
         dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         proj = functools.partial(Dense, dtype=dtype, param_dtype=pdtype)
         wi_init = nn.initializers.normal(stddev=cfg.d_model**-0.5)
         wo_init = nn.initializers.normal(stddev=cfg.d_ff**-0.5)
         act = activation_fn(cfg.dense_act_fn)
         if cfg.is_gated_act:
-            h = act(proj(cfg.d_ff, ("embed", "mlp"), kernel_init=wi_init, name="wi_0")(x))
-            h = h * proj(cfg.d_ff, ("embed", "mlp"), kernel_init=wi_init, name="wi_1")(x)
+            wi_0 = proj(cfg.d_ff, ("embed", "mlp"), kernel_init=wi_init, name="wi_0")
+            wi_1 = proj(cfg.d_ff, ("embed", "mlp"), kernel_init=wi_init, name="wi_1")
+            h = act(wi_0(x, adapters.get("wi_0"))) * wi_1(x, adapters.get("wi_1"))
         else:
-            h = act(proj(cfg.d_ff, ("embed", "mlp"), kernel_init=wi_init, name="wi")(x))
+            wi = proj(cfg.d_ff, ("embed", "mlp"), kernel_init=wi_init, name="wi")
+            h = act(wi(x, adapters.get("wi")))
         h = constrain(h, ("batch", "length", "mlp"))
         h = nn.Dropout(rate=cfg.dropout_rate)(h, deterministic=self.deterministic)
-        return proj(cfg.d_model, ("mlp", "embed"), kernel_init=wo_init, name="wo")(h)
+        wo = proj(cfg.d_model, ("mlp", "embed"), kernel_init=wo_init, name="wo")
+        return wo(h, adapters.get("wo"))
 
 
 # --- blocks -------------------------------------------------------------------------------
@@ -314,24 +344,48 @@ class EncoderLayer(nn.Module):
 
     config: T5Config
     deterministic: bool = True
+    # Also return the block output as the per-layer (scan) output, for callers that need
+    # intermediate states (the authors' instruction pooling reads the first block's).
+    emit_output: bool = False
 
     @nn.compact
-    def __call__(self, x, bias):
+    def __call__(self, x, bias, instruction, instruction_bias, adapters):
+        """``instruction``/``instruction_bias``: the instruction states and their padding mask,
+        used only with ``instruction_cross_attention``; ``adapters``: this block's LoRA pairs
+        as ``{module: {dense: (A, B)}}`` or None."""
         cfg = self.config
+        adapters = adapters or {}
         dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         norm = functools.partial(RMSNorm, cfg.layer_norm_epsilon, dtype, pdtype)
         drop = nn.Dropout(rate=cfg.dropout_rate)
         det = self.deterministic
 
         h = norm(name="pre_attention_layer_norm")(x)
-        h = MultiHeadAttention(cfg, deterministic=det, name="attention")(h, h, bias)
+        h = MultiHeadAttention(cfg, deterministic=det, name="attention")(
+            h, h, bias, adapters=adapters.get("attention")
+        )
         x = x + drop(h, deterministic=det)
 
+        if cfg.instruction_cross_attention:
+            # TAGI paper Eq. 1 (no reference implementation exists): a residual cross-attention
+            # from the block's states to the instruction states. Its output projection starts
+            # at zero, so switching it on starts as the identity.
+            h = norm(name="pre_instruction_attention_layer_norm")(x)
+            h = MultiHeadAttention(
+                cfg,
+                is_cross_attention=True,
+                deterministic=det,
+                zero_init_out=True,
+                name="instruction_attention",
+            )(h, instruction, instruction_bias)
+            x = x + drop(h, deterministic=det)
+
         h = norm(name="pre_mlp_layer_norm")(x)
-        h = MlpBlock(cfg, deterministic=det, name="mlp")(h)
+        h = MlpBlock(cfg, deterministic=det, name="mlp")(h, adapters.get("mlp"))
         x = x + drop(h, deterministic=det)
-        # (carry, per-layer output): the signature nn.scan needs; the loop form ignores it.
-        return constrain(x, ("batch", "length", "embed")), None
+        x = constrain(x, ("batch", "length", "embed"))
+        # (carry, per-layer output): the signature nn.scan needs.
+        return x, (x if self.emit_output else None)
 
 
 class DecoderLayer(nn.Module):
@@ -342,8 +396,9 @@ class DecoderLayer(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, encoded, self_bias, cross_bias, decode_position):
+    def __call__(self, x, encoded, self_bias, cross_bias, decode_position, adapters):
         cfg = self.config
+        adapters = adapters or {}
         dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         norm = functools.partial(RMSNorm, cfg.layer_norm_epsilon, dtype, pdtype)
         drop = nn.Dropout(rate=cfg.dropout_rate)
@@ -352,18 +407,18 @@ class DecoderLayer(nn.Module):
 
         h = norm(name="pre_self_attention_layer_norm")(x)
         h = MultiHeadAttention(cfg, deterministic=det, name="self_attention")(
-            h, h, self_bias, **step
+            h, h, self_bias, adapters=adapters.get("self_attention"), **step
         )
         x = x + drop(h, deterministic=det)
 
         h = norm(name="pre_cross_attention_layer_norm")(x)
         h = MultiHeadAttention(
             cfg, is_cross_attention=True, deterministic=det, name="encoder_decoder_attention"
-        )(h, encoded, cross_bias, **step)
+        )(h, encoded, cross_bias, adapters=adapters.get("encoder_decoder_attention"), **step)
         x = x + drop(h, deterministic=det)
 
         h = norm(name="pre_mlp_layer_norm")(x)
-        h = MlpBlock(cfg, deterministic=det, name="mlp")(h)
+        h = MlpBlock(cfg, deterministic=det, name="mlp")(h, adapters.get("mlp"))
         x = x + drop(h, deterministic=det)
         # (carry, per-layer output): the signature nn.scan needs; the loop form ignores it.
         return constrain(x, ("batch", "length", "embed")), None

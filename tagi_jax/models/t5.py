@@ -39,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tagi_jax.models import layers
+from tagi_jax.models import layers, lora
 from tagi_jax.models.t5_config import T5Config
 
 Params = Any
@@ -51,10 +51,14 @@ _REMAT_POLICIES = {
 }
 
 
-def _run_layers(layer_cls, config: T5Config, num_layers: int, x, args, **module_kwargs):
+def _run_layers(
+    layer_cls, config: T5Config, num_layers: int, x, shared, per_layer, **module_kwargs
+):
     """Applies ``num_layers`` blocks, as a Python loop or as one ``nn.scan``.
 
-    ``args`` are the per-call inputs every block sees unchanged (masks, biases, encoder states).
+    ``shared`` are inputs every block sees unchanged (masks, biases, encoder states);
+    ``per_layer`` are pytrees with a leading layers axis (adapters), sliced per block. Returns
+    the output and the stacked per-block outputs (None unless the block emits them).
     """
     if config.remat_policy != "none":
         # Under scan, XLA cannot CSE the recomputation away, so prevent_cse is not needed there.
@@ -68,15 +72,18 @@ def _run_layers(layer_cls, config: T5Config, num_layers: int, x, args, **module_
             layer_cls,
             variable_axes={"params": 0, "cache": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast,) * len(args),
+            in_axes=(nn.broadcast,) * len(shared) + (0,) * len(per_layer),
             length=num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = scanned(config, name="layers", **module_kwargs)(x, *args)
-        return x
+        return scanned(config, name="layers", **module_kwargs)(x, *shared, *per_layer)
+    outputs = []
     for i in range(num_layers):
-        x, _ = layer_cls(config, name=f"layers_{i}", **module_kwargs)(x, *args)
-    return x
+        sliced = jax.tree.map(lambda leaf, i=i: leaf[i], per_layer)
+        x, out = layer_cls(config, name=f"layers_{i}", **module_kwargs)(x, *shared, *sliced)
+        outputs.append(out)
+    stacked = None if outputs[0] is None else jnp.stack(outputs)
+    return x, stacked
 
 
 def _relative_position_biases(config: T5Config, *, bidirectional: bool):
@@ -95,9 +102,10 @@ class Encoder(nn.Module):
     config: T5Config
     embedder: layers.Embed
     deterministic: bool = True
+    return_first_block: bool = False
 
     @nn.compact
-    def __call__(self, tokens):
+    def __call__(self, tokens, adapters=None, instruction=None, instruction_tokens=None):
         cfg = self.config
         length = tokens.shape[1]
         x = self.embedder(tokens)
@@ -106,13 +114,24 @@ class Encoder(nn.Module):
             jnp.arange(length), length, length
         )
         bias = relpos + layers.padding_bias(tokens)
-        x = _run_layers(
+        if cfg.instruction_cross_attention:
+            if instruction is None or instruction_tokens is None:
+                raise ValueError(
+                    "instruction_cross_attention needs the instruction states and tokens "
+                    "(use tagi_jax.models.tagi.forward)"
+                )
+            instruction_bias = layers.padding_bias(instruction_tokens)
+        else:
+            instruction, instruction_bias = None, None
+        x, per_block = _run_layers(
             layers.EncoderLayer,
             cfg,
             cfg.num_layers,
             x,
-            (bias,),
+            (bias, instruction, instruction_bias),
+            (lora.stack_inputs(adapters, "encoder"),),
             deterministic=self.deterministic,
+            emit_output=self.return_first_block,
         )
         x = layers.RMSNorm(
             cfg.layer_norm_epsilon,
@@ -120,7 +139,10 @@ class Encoder(nn.Module):
             layers.dtype_of(cfg.param_dtype),
             name="final_layer_norm",
         )(x)
-        return nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
+        if self.return_first_block:
+            return x, per_block[0]
+        return x
 
 
 class Decoder(nn.Module):
@@ -136,7 +158,10 @@ class Decoder(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, encoded, encoder_tokens, decoder_tokens, decode_position=None):
+    def __call__(
+        self, encoded, encoder_tokens, decoder_tokens, decode_position=None, adapters=None
+    ):
+        """``encoder_tokens`` only mark which ``encoded`` positions are padding (id 0)."""
         cfg = self.config
         dtype, pdtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
         x = self.embedder(decoder_tokens)
@@ -156,12 +181,13 @@ class Decoder(nn.Module):
             is_key = (decoder_tokens > 0) | (jnp.arange(length) == 0)[None, :]
             self_bias = relpos + layers.causal_bias(length) + layers.padding_bias(is_key)
         cross_bias = layers.padding_bias(encoder_tokens)
-        x = _run_layers(
+        x, _ = _run_layers(
             layers.DecoderLayer,
             cfg,
             cfg.num_decoder_layers,
             x,
             (encoded, self_bias, cross_bias, decode_position),
+            (lora.stack_inputs(adapters, "decoder"),),
             deterministic=self.deterministic,
             decode=self.decode,
         )
@@ -200,6 +226,7 @@ class T5(nn.Module):
     config: T5Config
     deterministic: bool = True
     decode: bool = False
+    return_first_block: bool = False
 
     def setup(self):
         cfg = self.config
@@ -209,30 +236,30 @@ class T5(nn.Module):
             dtype=layers.dtype_of(cfg.dtype),
             param_dtype=layers.dtype_of(cfg.param_dtype),
         )
-        self.encoder = Encoder(cfg, self.token_embedder, deterministic=self.deterministic)
+        self.encoder = Encoder(
+            cfg,
+            self.token_embedder,
+            deterministic=self.deterministic,
+            return_first_block=self.return_first_block,
+        )
         self.decoder = Decoder(
             cfg, self.token_embedder, deterministic=self.deterministic, decode=self.decode
         )
 
-    def encode(self, encoder_input_tokens):
-        return self.encoder(encoder_input_tokens)
+    def encode(self, tokens, adapters=None, instruction=None, instruction_tokens=None):
+        return self.encoder(tokens, adapters, instruction, instruction_tokens)
 
-    def decode_tokens(self, encoded, encoder_input_tokens, decoder_input_tokens, position=None):
-        return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens, position)
+    def decode_tokens(self, encoded, memory_tokens, decoder_tokens, position=None, adapters=None):
+        return self.decoder(encoded, memory_tokens, decoder_tokens, position, adapters)
 
-    def __call__(self, encoder_input_tokens, decoder_input_tokens):
-        encoded = self.encode(encoder_input_tokens)
+    def __call__(
+        self, encoder_input_tokens, decoder_input_tokens, instruction=None, instruction_tokens=None
+    ):
+        encoded = self.encode(encoder_input_tokens, None, instruction, instruction_tokens)
         return self.decode_tokens(encoded, encoder_input_tokens, decoder_input_tokens)
 
 
 # --- pure functions -----------------------------------------------------------------------
-
-
-def _check_adapters(adapters) -> None:
-    if adapters is not None:
-        raise NotImplementedError(
-            "adapters are not supported by the plain T5 backbone yet; pass adapters=None"
-        )
 
 
 def _check_tokens(name: str, tokens) -> None:
@@ -242,14 +269,26 @@ def _check_tokens(name: str, tokens) -> None:
         raise ValueError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
 
 
-def _variables(params):
-    return {"params": params}
+def _check_adapters(config: T5Config, adapters, batch_size: int) -> None:
+    if adapters is None:
+        return
+    if not isinstance(adapters, lora.LoraAdapters):
+        raise TypeError(f"adapters must be a LoraAdapters, got {type(adapters).__name__}")
+    adapters.check(config, batch_size)
+
+
+def _rngs(dropout_rng):
+    return {"dropout": dropout_rng} if dropout_rng is not None else None
 
 
 def _init_boxed(config: T5Config, rng, encoder_length: int = 4, decoder_length: int = 4):
     enc = jnp.ones((1, encoder_length), jnp.int32)
     dec = jnp.ones((1, decoder_length), jnp.int32)
-    return T5(config).init(rng, enc, dec)["params"]
+    instruction = instruction_tokens = None
+    if config.instruction_cross_attention:
+        instruction = jnp.zeros((1, encoder_length, config.d_model), layers.dtype_of(config.dtype))
+        instruction_tokens = enc
+    return T5(config).init(rng, enc, dec, instruction, instruction_tokens)["params"]
 
 
 def init_params(config: T5Config, rng) -> Params:
@@ -269,38 +308,63 @@ def param_logical_axes(config: T5Config) -> Params:
 
 
 def encode(
-    config: T5Config, params: Params, encoder_input_tokens, *, adapters=None, dropout_rng=None
+    config: T5Config,
+    params: Params,
+    encoder_input_tokens,
+    *,
+    adapters=None,
+    dropout_rng=None,
+    instruction_states=None,
+    instruction_tokens=None,
+    return_first_block: bool = False,
 ):
-    """Encoder states ``[batch, length, embed]`` in the compute dtype."""
-    _check_adapters(adapters)
+    """Encoder states ``[batch, length, embed]`` in the compute dtype.
+
+    With ``return_first_block`` also the output of the first block (before the final norm).
+    ``instruction_states``/``instruction_tokens`` feed the paper's per-block instruction
+    cross-attention when the config enables it.
+    """
     _check_tokens("encoder_input_tokens", encoder_input_tokens)
-    model = T5(config, deterministic=dropout_rng is None)
-    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-    return model.apply(_variables(params), encoder_input_tokens, method=T5.encode, rngs=rngs)
+    _check_adapters(config, adapters, encoder_input_tokens.shape[0])
+    model = T5(config, deterministic=dropout_rng is None, return_first_block=return_first_block)
+    return model.apply(
+        {"params": params},
+        encoder_input_tokens,
+        adapters,
+        instruction_states,
+        instruction_tokens,
+        method=T5.encode,
+        rngs=_rngs(dropout_rng),
+    )
 
 
 def decode(
     config: T5Config,
     params: Params,
     encoded,
-    encoder_input_tokens,
+    memory_tokens,
     decoder_input_tokens,
     *,
     adapters=None,
     dropout_rng=None,
 ):
-    """Teacher-forced decoder logits (float32 ``[batch, target_len, vocab]``)."""
-    _check_adapters(adapters)
+    """Teacher-forced decoder logits (float32 ``[batch, target_len, vocab]``).
+
+    ``memory_tokens`` are the token ids behind ``encoded`` (only their padding is used), so a
+    fused memory such as ``[instruction ; input]`` passes its concatenated ids.
+    """
     _check_tokens("decoder_input_tokens", decoder_input_tokens)
+    _check_adapters(config, adapters, decoder_input_tokens.shape[0])
     model = T5(config, deterministic=dropout_rng is None)
-    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     return model.apply(
-        _variables(params),
+        {"params": params},
         encoded,
-        encoder_input_tokens,
+        memory_tokens,
         decoder_input_tokens,
+        None,
+        adapters,
         method=T5.decode_tokens,
-        rngs=rngs,
+        rngs=_rngs(dropout_rng),
     )
 
 
@@ -315,10 +379,9 @@ def forward(
 ):
     """Logits (float32 ``[batch, target_len, vocab]``) of teacher-forced T5.
 
-    Dropout runs only when ``dropout_rng`` is given. ``adapters`` is reserved for generated
-    LoRA weights and must be None for the plain backbone.
+    Dropout runs only when ``dropout_rng`` is given. ``adapters`` (``lora.LoraAdapters``, one
+    row per example) add per-example LoRA terms to the targeted projections.
     """
-    _check_adapters(adapters)
     _check_tokens("encoder_input_tokens", encoder_input_tokens)
     _check_tokens("decoder_input_tokens", decoder_input_tokens)
     if encoder_input_tokens.shape[0] != decoder_input_tokens.shape[0]:
@@ -326,27 +389,40 @@ def forward(
             "encoder_input_tokens and decoder_input_tokens disagree on batch size: "
             f"{encoder_input_tokens.shape[0]} vs {decoder_input_tokens.shape[0]}"
         )
-    model = T5(config, deterministic=dropout_rng is None)
-    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-    return model.apply(_variables(params), encoder_input_tokens, decoder_input_tokens, rngs=rngs)
+    if dropout_rng is not None:
+        enc_rng, dec_rng = jax.random.split(dropout_rng)
+    else:
+        enc_rng = dec_rng = None
+    encoded = encode(config, params, encoder_input_tokens, adapters=adapters, dropout_rng=enc_rng)
+    return decode(
+        config,
+        params,
+        encoded,
+        encoder_input_tokens,
+        decoder_input_tokens,
+        adapters=adapters,
+        dropout_rng=dec_rng,
+    )
 
 
 # --- incremental decoding -----------------------------------------------------------------
 
 
 def init_decode_cache(
-    config: T5Config, params: Params, encoded, encoder_input_tokens, max_decode_len: int
+    config: T5Config, params: Params, encoded, memory_tokens, max_decode_len: int, adapters=None
 ):
     """The key/value cache for ``max_decode_len`` steps, with the cross-attention keys and
-    values of ``encoded`` already projected."""
-    batch = encoder_input_tokens.shape[0]
+    values of ``encoded`` already projected (adapters included)."""
+    batch = memory_tokens.shape[0]
     dummy = jnp.zeros((batch, max_decode_len), jnp.int32)
     model = T5(config, decode=True)
     _, variables = model.apply(
-        _variables(params),
+        {"params": params},
         encoded,
-        encoder_input_tokens,
+        memory_tokens,
         dummy,
+        None,
+        adapters,
         method=T5.decode_tokens,
         mutable=["cache"],
     )
@@ -354,52 +430,93 @@ def init_decode_cache(
 
 
 def decode_step(
-    config: T5Config, params: Params, cache, encoded, encoder_input_tokens, tokens, position
+    config: T5Config,
+    params: Params,
+    cache,
+    encoded,
+    memory_tokens,
+    tokens,
+    position,
+    adapters=None,
 ):
     """Logits ``[batch, vocab]`` for ``tokens`` ``[batch, 1]`` at ``position``, and the new cache."""
     model = T5(config, decode=True)
     logits, variables = model.apply(
         {"params": params, "cache": cache},
         encoded,
-        encoder_input_tokens,
+        memory_tokens,
         tokens,
         position,
+        adapters,
         method=T5.decode_tokens,
         mutable=["cache"],
     )
     return logits[:, 0], variables["cache"]
 
 
+def greedy_loop(
+    config: T5Config, params: Params, encoded, memory_tokens, *, max_decode_len: int, adapters=None
+):
+    """Greedy search over a precomputed memory (traceable; callers jit it).
+
+    Returns ``[batch, max_decode_len]`` int32 tokens without the start token; a row that
+    produced EOS emits padding afterwards, and the loop stops once every row has.
+    """
+    cache = init_decode_cache(config, params, encoded, memory_tokens, max_decode_len, adapters)
+    batch = memory_tokens.shape[0]
+    out = jnp.zeros((batch, max_decode_len), jnp.int32)
+    start = jnp.full((batch, 1), config.decoder_start_token_id, jnp.int32)
+    finished = jnp.zeros((batch,), bool)
+
+    def cond(state):
+        i, _, _, _, finished = state
+        return (i < max_decode_len) & ~jnp.all(finished)
+
+    def body(state):
+        i, token, cache, out, finished = state
+        logits, cache = decode_step(
+            config, params, cache, encoded, memory_tokens, token, i, adapters
+        )
+        next_token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        # Rows that already emitted EOS keep emitting padding, as Hugging Face does.
+        next_token = jnp.where(finished, config.pad_token_id, next_token)
+        out = out.at[:, i].set(next_token)
+        finished = finished | (next_token == config.eos_token_id)
+        return i + 1, next_token[:, None], cache, out, finished
+
+    state = (jnp.int32(0), start, cache, out, finished)
+    return jax.lax.while_loop(cond, body, state)[3]
+
+
+def current_axis_rules():
+    """The active Flax logical axis rules as a hashable value, for use as a static jit argument
+    (Flax keeps them in Python state that jit's cache cannot see)."""
+    return tuple(tuple(r) if isinstance(r, list) else r for r in nn.get_logical_axis_rules())
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_decode_len", "axis_rules"))
-def _greedy_decode_jit(config, params, encoder_input_tokens, *, max_decode_len, axis_rules):
-    # The logical axis rules are a static argument so that a trace made under one mesh's rules
-    # is never reused under another's (Flax keeps them in Python state jit cannot see).
+def _greedy_decode_jit(
+    config, params, encoder_input_tokens, adapters, *, max_decode_len, axis_rules
+):
     with nn.logical_axis_rules(axis_rules):
-        encoded = encode(config, params, encoder_input_tokens)
-        cache = init_decode_cache(config, params, encoded, encoder_input_tokens, max_decode_len)
-        batch = encoder_input_tokens.shape[0]
-        out = jnp.zeros((batch, max_decode_len), jnp.int32)
-        start = jnp.full((batch, 1), config.decoder_start_token_id, jnp.int32)
-        finished = jnp.zeros((batch,), bool)
+        encoded = encode(config, params, encoder_input_tokens, adapters=adapters)
+        return greedy_loop(
+            config,
+            params,
+            encoded,
+            encoder_input_tokens,
+            max_decode_len=max_decode_len,
+            adapters=adapters,
+        )
 
-        def cond(state):
-            i, _, _, _, finished = state
-            return (i < max_decode_len) & ~jnp.all(finished)
 
-        def body(state):
-            i, token, cache, out, finished = state
-            logits, cache = decode_step(
-                config, params, cache, encoded, encoder_input_tokens, token, i
-            )
-            next_token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            # Rows that already emitted EOS keep emitting padding, as Hugging Face does.
-            next_token = jnp.where(finished, config.pad_token_id, next_token)
-            out = out.at[:, i].set(next_token)
-            finished = finished | (next_token == config.eos_token_id)
-            return i + 1, next_token[:, None], cache, out, finished
-
-        state = (jnp.int32(0), start, cache, out, finished)
-        return jax.lax.while_loop(cond, body, state)[3]
+def check_max_decode_len(max_decode_len) -> None:
+    if (
+        not isinstance(max_decode_len, int)
+        or isinstance(max_decode_len, bool)
+        or max_decode_len <= 0
+    ):
+        raise ValueError(f"max_decode_len must be a positive int, got {max_decode_len!r}")
 
 
 def greedy_decode(
@@ -407,17 +524,17 @@ def greedy_decode(
 ):
     """Greedy decoding, ``[batch, max_decode_len]`` int32 tokens without the start token.
 
-    Stops early once every row has produced EOS; positions after a row's EOS hold padding.
+    jit-compiled (once per config, length and mesh rules). Stops early once every row has
+    produced EOS; positions after a row's EOS hold padding.
     """
-    _check_adapters(adapters)
     _check_tokens("encoder_input_tokens", encoder_input_tokens)
-    if not isinstance(max_decode_len, int) or max_decode_len <= 0:
-        raise ValueError(f"max_decode_len must be a positive int, got {max_decode_len!r}")
-    rules = tuple(tuple(r) if isinstance(r, list) else r for r in nn.get_logical_axis_rules())
+    _check_adapters(config, adapters, encoder_input_tokens.shape[0])
+    check_max_decode_len(max_decode_len)
     return _greedy_decode_jit(
         config,
         params,
         jnp.asarray(encoder_input_tokens, jnp.int32),
+        adapters,
         max_decode_len=max_decode_len,
-        axis_rules=rules,
+        axis_rules=current_axis_rules(),
     )

@@ -49,6 +49,9 @@ class T5Config:
       scan_layers: run the blocks of each stack with ``nn.scan``: parameters get a leading
         ``layers`` axis and compile time stops growing with depth (XL/XXL).
       remat_policy: what to recompute in the backward pass, per block.
+      instruction_cross_attention: the TAGI paper's hierarchical fusion (Eq. 1): every encoder
+        block gets a residual cross-attention to the instruction states, zero-initialised.
+        Not part of any released checkpoint (and absent from the authors' code).
     """
 
     vocab_size: int = 32128
@@ -73,6 +76,7 @@ class T5Config:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
+    instruction_cross_attention: bool = False
 
     def __post_init__(self):
         positive = (

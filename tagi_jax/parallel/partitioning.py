@@ -28,6 +28,12 @@ DEFAULT_RULES: AxisRules = (
     ("kv", None),
     ("relpos_buckets", None),
     ("layers", None),
+    # TAGI: generated adapters and the hypernetwork (small, replicated but for the batch).
+    ("lora_rank", None),
+    ("lora_flat", None),
+    ("instruction_dim", None),
+    ("hyper_hidden", None),
+    ("slots", None),
 )
 
 

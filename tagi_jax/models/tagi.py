@@ -1,0 +1,295 @@
+"""The TAGI student as pure functions: instruction → adapters → adapted, fused T5.
+
+Parameters are one pytree::
+
+  {"t5": <backbone>, "hypernet": <pooler + generators>,
+   "instruction_encoder": <token_embedder + encoder>   # only for a 'separate' encoder}
+
+A batch is a mapping with ``encoder_input_tokens`` (the student's input), ``hyper_input_tokens``
+(the instruction) and ``decoder_input_tokens``; token id 0 is padding everywhere.
+
+``forward`` encodes the instruction, generates one set of adapters per row (unless given),
+encodes the input with the adapters (and, if enabled, the paper's per-block instruction
+cross-attention), and decodes against ``[instruction states ; input states]`` when fusion is
+on. Adapters generated once per task and expanded with ``lora.take`` give the same logits.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tagi_jax.models import hypernet, lora, t5
+from tagi_jax.models.tagi_config import TagiConfig
+
+Params = Any
+BATCH_KEYS = ("encoder_input_tokens", "hyper_input_tokens", "decoder_input_tokens")
+
+
+def _instruction_encoder_config(config: TagiConfig):
+    # The instruction is encoded without adapters and without instruction cross-attention.
+    return config.instruction_t5.replace(instruction_cross_attention=False)
+
+
+def _encoder_subtree(params: Params) -> Params:
+    """What encoding needs of a full T5 parameter tree (drops the decoder)."""
+    return {"token_embedder": params["token_embedder"], "encoder": params["encoder"]}
+
+
+def _hypernet_init_inputs(config: TagiConfig):
+    width = config.instruction_width
+    states = jnp.zeros((1, 4, width), jnp.float32)
+    return states, jnp.ones((1, 4), jnp.int32), states
+
+
+def _init_boxed(config: TagiConfig, rng):
+    k_t5, k_enc, k_hyper = jax.random.split(rng, 3)
+    params = {
+        "t5": t5._init_boxed(config.t5, k_t5),
+        "hypernet": hypernet.Hypernetwork(config).init(k_hyper, *_hypernet_init_inputs(config))[
+            "params"
+        ],
+    }
+    if config.hyper.instruction_encoder == "separate":
+        encoder = t5._init_boxed(_instruction_encoder_config(config), k_enc)
+        params["instruction_encoder"] = _encoder_subtree(encoder)
+    return params
+
+
+def _graft(name: str, fresh: Params, given: Params) -> Params:
+    """``fresh`` with every leaf that ``given`` has replaced by it (shapes must agree).
+
+    Leaves only in ``fresh`` are new TAGI parameters (e.g. instruction cross-attention);
+    leaves only in ``given`` mean it belongs to another architecture.
+    """
+    fresh_flat = {
+        jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(fresh)[0]
+    }
+    given_flat = {
+        jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(given)[0]
+    }
+    unknown = sorted(set(given_flat) - set(fresh_flat))
+    if unknown:
+        raise ValueError(f"{name} has parameters the config does not: {unknown[:5]}")
+    for key, value in given_flat.items():
+        if tuple(value.shape) != tuple(fresh_flat[key].shape):
+            raise ValueError(
+                f"{name}{key} has shape {tuple(value.shape)}, the config needs "
+                f"{tuple(fresh_flat[key].shape)}"
+            )
+    leaves = [
+        given_flat.get(jax.tree_util.keystr(k), v)
+        for k, v in jax.tree_util.tree_flatten_with_path(fresh)[0]
+    ]
+    return jax.tree.unflatten(jax.tree.structure(fresh), leaves)
+
+
+def init_params(
+    config: TagiConfig,
+    rng,
+    *,
+    t5_params: Params | None = None,
+    instruction_encoder_params: Params | None = None,
+) -> Params:
+    """Fresh TAGI parameters; ``t5_params`` (e.g. from ``hf_t5.load``) become the backbone and
+    ``instruction_encoder_params`` (a T5 tree; its decoder is dropped) the separate encoder."""
+    params = nn.meta.unbox(_init_boxed(config, rng))
+    if t5_params is not None:
+        params["t5"] = _graft("t5_params", params["t5"], t5_params)
+    if instruction_encoder_params is not None:
+        if "instruction_encoder" not in params:
+            raise ValueError(
+                "instruction_encoder_params given, but the instruction encoder is the backbone"
+            )
+        params["instruction_encoder"] = _graft(
+            "instruction_encoder_params",
+            params["instruction_encoder"],
+            _encoder_subtree(instruction_encoder_params),
+        )
+    return params
+
+
+def abstract_params(config: TagiConfig) -> Params:
+    return nn.meta.unbox(jax.eval_shape(functools.partial(_init_boxed, config), jax.random.key(0)))
+
+
+def param_logical_axes(config: TagiConfig) -> Params:
+    boxed = jax.eval_shape(functools.partial(_init_boxed, config), jax.random.key(0))
+    return nn.get_partition_spec(boxed)
+
+
+# --- the forward computation --------------------------------------------------------------
+
+
+def encode_instruction(config: TagiConfig, params: Params, instruction_tokens, *, dropout_rng=None):
+    """Instruction states ``[batch, length, width]`` and the first block's (for the authors'
+    pooling; else None). Under ``stop_gradient`` unless the encoder trains."""
+    enc_config = _instruction_encoder_config(config)
+    if config.hyper.instruction_encoder == "separate":
+        enc_params = params["instruction_encoder"]
+    else:
+        enc_params = params["t5"]
+    first_block = config.hyper.pooling == "first_last_sum_unmasked"
+    out = t5.encode(
+        enc_config,
+        enc_params,
+        instruction_tokens,
+        dropout_rng=dropout_rng,
+        return_first_block=first_block,
+    )
+    states, first = out if first_block else (out, None)
+    if not config.hyper.train_instruction_encoder:
+        states = jax.lax.stop_gradient(states)
+        first = None if first is None else jax.lax.stop_gradient(first)
+    return states, first
+
+
+def adapters_from_states(
+    config: TagiConfig, params: Params, states, instruction_tokens, first_block=None
+):
+    """Runs the hypernetwork on encoded instructions: ``(LoraAdapters | None, embedding)``."""
+    adapters, embedding = hypernet.Hypernetwork(config).apply(
+        {"params": params["hypernet"]}, states, instruction_tokens, first_block
+    )
+    return (adapters if adapters else None), embedding
+
+
+def generate_adapters(
+    config: TagiConfig, params: Params, instruction_tokens
+) -> lora.LoraAdapters | None:
+    """One set of adapters per instruction row (None when no targets are configured)."""
+    t5._check_tokens("instruction_tokens", instruction_tokens)
+    states, first = encode_instruction(config, params, instruction_tokens)
+    return adapters_from_states(config, params, states, instruction_tokens, first)[0]
+
+
+def _check_batch(batch: Mapping) -> tuple[jax.Array, jax.Array, jax.Array]:
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"batch lacks {missing}; a TAGI batch needs {list(BATCH_KEYS)}")
+    tokens = [batch[k] for k in BATCH_KEYS]
+    for key, value in zip(BATCH_KEYS, tokens, strict=True):
+        t5._check_tokens(key, value)
+    sizes = {key: value.shape[0] for key, value in zip(BATCH_KEYS, tokens, strict=True)}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"batch fields disagree on batch size: {sizes}")
+    return tuple(tokens)
+
+
+def _memory(config: TagiConfig, encoded, input_tokens, states, instruction_tokens):
+    """The decoder's memory: ``[instruction ; input]`` with fusion, else the input alone.
+
+    T5 cross-attention has no position bias, so padded concatenation with the concatenated
+    mask equals the authors' unpad-concat-repad.
+    """
+    if not config.fusion:
+        return encoded, input_tokens
+    memory = jnp.concatenate([states.astype(encoded.dtype), encoded], axis=1)
+    memory = nn.with_logical_constraint(memory, ("batch", "length", "embed"))
+    return memory, jnp.concatenate([instruction_tokens, input_tokens], axis=1)
+
+
+def _needs_instruction(config: TagiConfig, adapters) -> bool:
+    return adapters is None or config.fusion or config.t5.instruction_cross_attention
+
+
+def forward(
+    config: TagiConfig,
+    params: Params,
+    batch: Mapping,
+    *,
+    adapters: lora.LoraAdapters | None = None,
+    dropout_rng=None,
+):
+    """``(logits, aux)``: float32 logits ``[batch, target_len, vocab]`` and
+    ``aux = {"adapters": LoraAdapters | None, "instruction_embedding": [batch, ...] | None}``.
+
+    ``adapters`` given (one row per example) are used instead of generating them.
+    """
+    enc_tokens, hyper_tokens, dec_tokens = _check_batch(batch)
+    rngs = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
+    states = first = embedding = None
+    if _needs_instruction(config, adapters):
+        states, first = encode_instruction(config, params, hyper_tokens, dropout_rng=rngs[0])
+    if adapters is None:
+        adapters, embedding = adapters_from_states(config, params, states, hyper_tokens, first)
+    encoded = t5.encode(
+        config.t5,
+        params["t5"],
+        enc_tokens,
+        adapters=adapters,
+        dropout_rng=rngs[1],
+        instruction_states=states,
+        instruction_tokens=hyper_tokens,
+    )
+    memory, memory_tokens = _memory(config, encoded, enc_tokens, states, hyper_tokens)
+    logits = t5.decode(
+        config.t5,
+        params["t5"],
+        memory,
+        memory_tokens,
+        dec_tokens,
+        adapters=adapters,
+        dropout_rng=rngs[2],
+    )
+    return logits, {"adapters": adapters, "instruction_embedding": embedding}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_decode_len", "axis_rules"))
+def _greedy_decode_jit(
+    config, params, enc_tokens, hyper_tokens, adapters, *, max_decode_len, axis_rules
+):
+    with nn.logical_axis_rules(axis_rules):
+        states = first = None
+        if _needs_instruction(config, adapters):
+            states, first = encode_instruction(config, params, hyper_tokens)
+        if adapters is None:
+            adapters, _ = adapters_from_states(config, params, states, hyper_tokens, first)
+        encoded = t5.encode(
+            config.t5,
+            params["t5"],
+            enc_tokens,
+            adapters=adapters,
+            instruction_states=states,
+            instruction_tokens=hyper_tokens,
+        )
+        memory, memory_tokens = _memory(config, encoded, enc_tokens, states, hyper_tokens)
+        return t5.greedy_loop(
+            config.t5,
+            params["t5"],
+            memory,
+            memory_tokens,
+            max_decode_len=max_decode_len,
+            adapters=adapters,
+        )
+
+
+def greedy_decode(
+    config: TagiConfig,
+    params: Params,
+    batch: Mapping,
+    *,
+    max_decode_len: int,
+    adapters: lora.LoraAdapters | None = None,
+):
+    """Greedy decoding of the TAGI student (adapters generated once, reused at every step).
+
+    ``batch`` needs ``encoder_input_tokens`` and ``hyper_input_tokens``.
+    """
+    t5.check_max_decode_len(max_decode_len)
+    enc_tokens, hyper_tokens = batch["encoder_input_tokens"], batch["hyper_input_tokens"]
+    _check_batch({**batch, "decoder_input_tokens": jnp.zeros_like(enc_tokens[:, :1])})
+    return _greedy_decode_jit(
+        config,
+        params,
+        jnp.asarray(enc_tokens, jnp.int32),
+        jnp.asarray(hyper_tokens, jnp.int32),
+        adapters,
+        max_decode_len=max_decode_len,
+        axis_rules=t5.current_axis_rules(),
+    )
