@@ -13,33 +13,30 @@ import gin
 from tagi_jax.models.t5_config import T5Config
 from tagi_jax.models.tagi_config import HyperConfig, TagiConfig
 
-_T5_FIELDS = frozenset(f.name for f in dataclasses.fields(T5Config))
+SAME_AS_T5 = "same_as_t5"
+
+
+def _check_fields(cls, fields) -> None:
+    """gin accepts any name for a ``**fields`` function: reject the ones ``cls`` lacks here."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(
+            f"gin binds unknown {cls.__name__} fields {unknown}; known: {sorted(known)}"
+        )
 
 
 @gin.configurable("T5Config")
 def t5_config(**fields) -> T5Config:
     """``T5Config.<field> = value`` in a gin file sets that field of the model config."""
-    unknown = sorted(set(fields) - _T5_FIELDS)
-    if unknown:
-        raise ValueError(
-            f"gin binds unknown T5Config fields {unknown}; known: {sorted(_T5_FIELDS)}"
-        )
+    _check_fields(T5Config, fields)
     return T5Config(**fields)
-
-
-_HYPER_FIELDS = frozenset(f.name for f in dataclasses.fields(HyperConfig))
-_TAGI_FIELDS = frozenset(f.name for f in dataclasses.fields(TagiConfig))
-SAME_AS_T5 = "same_as_t5"
 
 
 @gin.configurable("HyperConfig")
 def hyper_config(**fields) -> HyperConfig:
     """``HyperConfig.<field> = value`` sets that field of the hypernetwork config."""
-    unknown = sorted(set(fields) - _HYPER_FIELDS)
-    if unknown:
-        raise ValueError(
-            f"gin binds unknown HyperConfig fields {unknown}; known: {sorted(_HYPER_FIELDS)}"
-        )
+    _check_fields(HyperConfig, fields)
     if "targets" in fields:
         fields["targets"] = tuple(fields["targets"])
     return HyperConfig(**fields)
@@ -53,11 +50,7 @@ def tagi_config(**fields) -> TagiConfig:
     the backbone's architecture (the authors encode instructions with the teacher's encoder,
     which has the student's shape).
     """
-    unknown = sorted(set(fields) - _TAGI_FIELDS)
-    if unknown:
-        raise ValueError(
-            f"gin binds unknown TagiConfig fields {unknown}; known: {sorted(_TAGI_FIELDS)}"
-        )
+    _check_fields(TagiConfig, fields)
     fields.setdefault("t5", T5Config())
     fields.setdefault("hyper", HyperConfig())
     if fields.get("instruction_encoder_t5") == SAME_AS_T5:

@@ -198,21 +198,8 @@ def _needs_instruction(config: TagiConfig, adapters) -> bool:
     return adapters is None or config.fusion or config.t5.instruction_cross_attention
 
 
-def forward(
-    config: TagiConfig,
-    params: Params,
-    batch: Mapping,
-    *,
-    adapters: lora.LoraAdapters | None = None,
-    dropout_rng=None,
-):
-    """``(logits, aux)``: float32 logits ``[batch, target_len, vocab]`` and
-    ``aux = {"adapters": LoraAdapters | None, "instruction_embedding": [batch, ...] | None}``.
-
-    ``adapters`` given (one row per example) are used instead of generating them.
-    """
-    enc_tokens, hyper_tokens, dec_tokens = _check_batch(batch)
-    rngs = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
+def _encode_student(config: TagiConfig, params: Params, enc_tokens, hyper_tokens, adapters, rngs):
+    """Everything before the decoder: ``(memory, memory_tokens, adapters, embedding)``."""
     states = first = embedding = None
     if _needs_instruction(config, adapters):
         states, first = encode_instruction(config, params, hyper_tokens, dropout_rng=rngs[0])
@@ -228,6 +215,27 @@ def forward(
         instruction_tokens=hyper_tokens,
     )
     memory, memory_tokens = _memory(config, encoded, enc_tokens, states, hyper_tokens)
+    return memory, memory_tokens, adapters, embedding
+
+
+def forward(
+    config: TagiConfig,
+    params: Params,
+    batch: Mapping,
+    *,
+    adapters: lora.LoraAdapters | None = None,
+    dropout_rng=None,
+):
+    """``(logits, aux)``: float32 logits ``[batch, target_len, vocab]`` and
+    ``aux = {"adapters": LoraAdapters | None, "instruction_embedding": [batch, ...] | None}``.
+
+    ``adapters`` given (one row per example) are used instead of generating them.
+    """
+    enc_tokens, hyper_tokens, dec_tokens = _check_batch(batch)
+    rngs = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
+    memory, memory_tokens, adapters, embedding = _encode_student(
+        config, params, enc_tokens, hyper_tokens, adapters, rngs
+    )
     logits = t5.decode(
         config.t5,
         params["t5"],
@@ -245,20 +253,9 @@ def _greedy_decode_jit(
     config, params, enc_tokens, hyper_tokens, adapters, *, max_decode_len, axis_rules
 ):
     with nn.logical_axis_rules(axis_rules):
-        states = first = None
-        if _needs_instruction(config, adapters):
-            states, first = encode_instruction(config, params, hyper_tokens)
-        if adapters is None:
-            adapters, _ = adapters_from_states(config, params, states, hyper_tokens, first)
-        encoded = t5.encode(
-            config.t5,
-            params["t5"],
-            enc_tokens,
-            adapters=adapters,
-            instruction_states=states,
-            instruction_tokens=hyper_tokens,
+        memory, memory_tokens, adapters, _ = _encode_student(
+            config, params, enc_tokens, hyper_tokens, adapters, [None] * 3
         )
-        memory, memory_tokens = _memory(config, encoded, enc_tokens, states, hyper_tokens)
         return t5.greedy_loop(
             config.t5,
             params["t5"],
