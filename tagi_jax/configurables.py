@@ -10,6 +10,8 @@ import dataclasses
 
 import gin
 
+from tagi_jax.distill.lora_teachers import LoraTeacherConfig
+from tagi_jax.distill.losses import LossConfig
 from tagi_jax.models.t5_config import T5Config
 from tagi_jax.models.tagi_config import HyperConfig, TagiConfig
 
@@ -59,3 +61,19 @@ def tagi_config(**fields) -> TagiConfig:
         if name in fields:
             fields[name] = tuple(fields[name])
     return TagiConfig(**fields)
+
+
+@gin.configurable("LossConfig")
+def loss_config(**fields) -> LossConfig:
+    """``LossConfig.<field> = value``: weights and forms of the TAGI objective."""
+    _check_fields(LossConfig, fields)
+    return LossConfig(**fields)
+
+
+@gin.configurable("LoraTeacherConfig")
+def lora_teacher_config(**fields) -> LoraTeacherConfig:
+    """``LoraTeacherConfig.<field> = value``: how the instance-trained LoRA teachers train."""
+    _check_fields(LoraTeacherConfig, fields)
+    if "targets" in fields:
+        fields["targets"] = tuple(fields["targets"])
+    return LoraTeacherConfig(**fields)

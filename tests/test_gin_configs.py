@@ -110,3 +110,17 @@ def test_hyper_unknown_field_is_named():
     gin.parse_config("HyperConfig.rnak = 3")
     with pytest.raises(ValueError, match="rnak"):
         configurables.hyper_config()
+
+
+def test_loss_presets():
+    from tagi_jax.distill.losses import LossConfig
+
+    _parse("losses/authors_run.gin")
+    assert configurables.loss_config() == LossConfig()
+    gin.clear_config()
+    _parse("losses/paper.gin")
+    assert configurables.loss_config() == LossConfig.paper()
+    gin.clear_config()
+    _parse("losses/authors_run.gin", "losses/authors_exact.gin")
+    exact = configurables.loss_config()
+    assert exact.alignment_mode == "authors_swapped" and exact.kl_average_over_padding
