@@ -10,6 +10,7 @@ import dataclasses
 
 import gin
 
+from tagi_jax.data.ni import NIConfig
 from tagi_jax.distill.lora_teachers import LoraTeacherConfig
 from tagi_jax.distill.losses import LossConfig
 from tagi_jax.models.t5_config import T5Config
@@ -77,3 +78,10 @@ def lora_teacher_config(**fields) -> LoraTeacherConfig:
     if "targets" in fields:
         fields["targets"] = tuple(fields["targets"])
     return LoraTeacherConfig(**fields)
+
+
+@gin.configurable("NIConfig")
+def ni_config(**fields) -> NIConfig:
+    """``NIConfig.<field> = value``: how natural-instructions splits become examples."""
+    _check_fields(NIConfig, fields)
+    return NIConfig(**fields)

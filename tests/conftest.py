@@ -34,3 +34,14 @@ def shared_data_dir():
     if not os.path.isdir(path):
         pytest.skip(f"shared data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_dir(tmp_path_factory, shared_data_dir):
+    """A SentencePiece model with T5's id layout, trained on the fly on the shared SNI text,
+    saved as ``spiece.model`` in a checkpoint-like directory."""
+    from tagi_jax.testing import sentencepiece_model
+
+    out = tmp_path_factory.mktemp("spm")
+    lines = sentencepiece_model.sni_text(os.path.join(shared_data_dir, "sni"))
+    return sentencepiece_model.train(lines, str(out), vocab_size=512)

@@ -124,3 +124,19 @@ def test_loss_presets():
     _parse("losses/authors_run.gin", "losses/authors_exact.gin")
     exact = configurables.loss_config()
     assert exact.alignment_mode == "authors_swapped" and exact.kl_average_over_padding
+
+
+def test_tensorflow_stays_inside_the_data_package():
+    """Model, distillation, conversion and gin code import neither TensorFlow nor seqio."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import tagi_jax.configurables, tagi_jax.models.tagi, tagi_jax.distill.losses\n"
+        "import tagi_jax.distill.lora_teachers, tagi_jax.distill.teacher, tagi_jax.convert.hf_t5\n"
+        "print(sorted(m for m in ('tensorflow', 'seqio') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,120 @@
+"""TAGI's task features → model features, and numpy batches → global jax arrays.
+
+``TagiFeatureConverter`` (a ``seqio.FeatureConverter``, no packing: adapters are per example,
+so examples cannot share a row) maps::
+
+  inputs          -> encoder_input_tokens
+  hyper_inputs    -> hyper_input_tokens
+  teacher_inputs  -> teacher_input_tokens      (only when the task has them)
+  targets         -> decoder_target_tokens, decoder_input_tokens (shifted), decoder_loss_weights
+  task_id, category_id (scalars) -> passed through
+
+Every sequence is trimmed/padded to its length: static shapes. ``global_batches`` turns each
+host's numpy batches into global arrays sharded over the mesh's batch axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+
+_SEQUENCES = {
+    "inputs": "encoder_input_tokens",
+    "hyper_inputs": "hyper_input_tokens",
+    "teacher_inputs": "teacher_input_tokens",
+}
+IDS = ("task_id", "category_id")
+
+
+def _spec(rank: int = 1):
+    return seqio.FeatureConverter.FeatureSpec(dtype=tf.int32, rank=rank)
+
+
+class TagiFeatureConverter(seqio.FeatureConverter):
+    """Three encoder streams + targets + ids, padded (never packed).
+
+    ``with_teacher=False`` drops the teacher stream (C4 pretraining has no teacher input).
+    """
+
+    TASK_FEATURES = {}
+    MODEL_FEATURES = {}
+    PACKING_FEATURE_DTYPES = {}
+
+    def __init__(self, with_teacher: bool = True, with_ids: bool = True, **kwargs):
+        if kwargs.pop("pack", False):
+            raise ValueError("TagiFeatureConverter cannot pack: adapters are per example")
+        sequences = dict(_SEQUENCES)
+        if not with_teacher:
+            sequences.pop("teacher_inputs")
+        self._sequences = sequences
+        self._ids = IDS if with_ids else ()
+        self.TASK_FEATURES = {k: _spec() for k in (*sequences, "targets")} | {
+            k: _spec(0) for k in self._ids
+        }
+        self.MODEL_FEATURES = {
+            **{v: _spec() for v in sequences.values()},
+            "decoder_target_tokens": _spec(),
+            "decoder_input_tokens": _spec(),
+            "decoder_loss_weights": _spec(),
+            **{k: _spec(0) for k in self._ids},
+        }
+        super().__init__(pack=False, **kwargs)
+
+    def task_feature_lengths(self, lengths: Mapping[str, int]) -> dict[str, int]:
+        """Adds the scalar ids (whose length seqio requires but ignores) to ``lengths``."""
+        return {**lengths, **{k: 1 for k in self._ids}}
+
+    def _convert_features(self, ds, task_feature_lengths):
+        def pad(x, length):
+            x = x[:length]
+            x = tf.pad(x, [[0, length - tf.shape(x)[0]]])
+            return tf.ensure_shape(x, [length])
+
+        def convert(features):
+            out = {
+                model: pad(features[task], task_feature_lengths[task])
+                for task, model in self._sequences.items()
+            }
+            targets = pad(features["targets"], task_feature_lengths["targets"])
+            out["decoder_target_tokens"] = targets
+            out["decoder_input_tokens"] = seqio.utils.make_autoregressive_inputs(
+                targets, bos_id=self.bos_id
+            )
+            out["decoder_loss_weights"] = tf.cast(targets > 0, tf.int32)
+            for k in self._ids:
+                out[k] = tf.cast(features[k], tf.int32)
+            return out
+
+        return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def get_model_feature_lengths(self, task_feature_lengths):
+        lengths = {model: task_feature_lengths[task] for task, model in self._sequences.items()}
+        target = task_feature_lengths["targets"]
+        lengths |= {
+            "decoder_target_tokens": target,
+            "decoder_input_tokens": target,
+            "decoder_loss_weights": target,
+        }
+        return lengths | {k: 1 for k in self._ids}
+
+
+def numpy_batches(dataset: tf.data.Dataset, batch_size: int, *, drop_remainder: bool = True):
+    """Batches of numpy arrays from a converted dataset (this host's share)."""
+    return dataset.batch(batch_size, drop_remainder=drop_remainder).as_numpy_iterator()
+
+
+def global_batches(
+    batches: Iterable[Mapping[str, np.ndarray]], mesh: jax.sharding.Mesh, batch_axis="data"
+) -> Iterator[dict[str, jax.Array]]:
+    """Each host's numpy batch → one global array per feature with its leading (batch) axis
+    split over ``batch_axis``; the global batch is the hosts' batches stacked."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axis))
+    for batch in batches:
+        yield {
+            k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()
+        }

@@ -1,0 +1,31 @@
+"""Vocabularies, chosen by gin: T5's SentencePiece from a checkpoint directory, or bytes.
+
+``seqio.SentencePieceVocabulary`` loads its model lazily (on first use), so building one here
+reads no file; a missing ``spiece.model`` is reported when the path is checked below, naming it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import gin
+import seqio
+
+VOCABULARIES = ("sentencepiece", "byte")
+
+
+@gin.configurable("vocabulary")
+def get_vocabulary(kind: str = "sentencepiece", path: str | None = None, extra_ids: int = 100):
+    """``sentencepiece``: ``path`` is a checkpoint directory holding ``spiece.model`` (or the
+    model file itself), with T5's 100 sentinel ids by default. ``byte``: UTF-8 bytes + 3 special
+    ids (pad 0, EOS 1, UNK 2), needing no file — the built-in suite's vocabulary."""
+    if kind == "byte":
+        return seqio.ByteVocabulary(extra_ids=0)
+    if kind != "sentencepiece":
+        raise ValueError(f"vocabulary kind={kind!r} is not one of {VOCABULARIES}")
+    if path is None:
+        raise ValueError("vocabulary.path is required for a sentencepiece vocabulary")
+    model = os.path.join(path, "spiece.model") if os.path.isdir(path) else path
+    if not os.path.isfile(model):
+        raise FileNotFoundError(f"SentencePiece model not found: {model}")
+    return seqio.SentencePieceVocabulary(model, extra_ids=extra_ids)

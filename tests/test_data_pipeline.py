@@ -1,0 +1,206 @@
+"""SeqIO registration, the feature converter, C4 splitting and global batches."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+from seqio import test_utils
+
+from tagi_jax.data import c4, feature_converter, tasks, vocab
+from tagi_jax.parallel import mesh as mesh_lib
+
+BYTES = vocab.get_vocabulary("byte")
+
+
+def test_feature_converter_pads_shifts_and_passes_ids():
+    ds = tf.data.Dataset.from_tensors(
+        {
+            "inputs": [7, 8, 5, 1],
+            "hyper_inputs": [3, 1],
+            "teacher_inputs": [9, 9, 7, 8, 5, 1],
+            "targets": [3, 9, 1],
+            "task_id": 4,
+            "category_id": 2,
+        }
+    )
+    conv = feature_converter.TagiFeatureConverter()
+    lengths = conv.task_feature_lengths(
+        {"inputs": 5, "hyper_inputs": 4, "teacher_inputs": 7, "targets": 5}
+    )
+    converted = conv(ds, lengths)
+    test_utils.assert_dataset(
+        converted,
+        {
+            "encoder_input_tokens": [7, 8, 5, 1, 0],
+            "hyper_input_tokens": [3, 1, 0, 0],
+            "teacher_input_tokens": [9, 9, 7, 8, 5, 1, 0],
+            "decoder_target_tokens": [3, 9, 1, 0, 0],
+            "decoder_input_tokens": [0, 3, 9, 1, 0],
+            "decoder_loss_weights": [1, 1, 1, 0, 0],
+            "task_id": 4,
+            "category_id": 2,
+        },
+    )
+    with pytest.raises(ValueError, match="pack"):
+        feature_converter.TagiFeatureConverter(pack=True)
+
+
+def test_registration_is_lazy_and_idempotent(tmp_path):
+    missing = str(tmp_path / "not_there")
+    first = tasks.register_tasks(vocabulary=BYTES, sni_dir=missing, prefix="lazy")
+    again = tasks.register_tasks(vocabulary=BYTES, sni_dir=missing, prefix="lazy")
+    assert first == again == tasks.Registered(("lazy_sni_def_pos2", "lazy_sni_def"))
+    task = seqio.get_mixture_or_task("lazy_sni_def")
+    with pytest.raises(Exception, match="not_there"):
+        next(iter(task.get_dataset(None, split="train", shuffle=False)))
+
+
+def test_sni_task_with_a_sentencepiece_vocabulary(shared_data_dir, sentencepiece_dir):
+    from tagi_jax.data import ni
+
+    spm = vocab.get_vocabulary("sentencepiece", sentencepiece_dir, extra_ids=0)
+    data_dir = os.path.join(shared_data_dir, "sni")
+    tasks.register_tasks(vocabulary=spm, sni_dir=data_dir, prefix="spm")
+    conv = feature_converter.TagiFeatureConverter()
+    lengths = conv.task_feature_lengths(
+        {"inputs": 1024, "hyper_inputs": 1024, "teacher_inputs": 1024, "targets": 128}
+    )
+    ds = seqio.get_dataset(
+        "spm_sni_def_pos2",
+        task_feature_lengths=lengths,
+        dataset_split="test",
+        shuffle=False,
+        feature_converter=conv,
+    )
+    first = next(ds.as_numpy_iterator())
+    expected = next(ni.iter_examples(data_dir, "test", ni.NIConfig()))
+    tokens = [int(t) for t in first["teacher_input_tokens"] if t > 1]
+    assert spm.decode(tokens) == spm.decode(spm.encode(expected["teacher_inputs"]))
+    assert first["decoder_target_tokens"][first["decoder_loss_weights"].sum() - 1] == 1  # EOS
+
+
+def _write_docs(path, docs):
+    with open(path, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+
+
+def _c4_examples(files, seed, prefix):
+    tasks.register_tasks(vocabulary=BYTES, c4_files=files, seed=seed, prefix=prefix)
+    task = seqio.get_mixture_or_task(f"{prefix}_c4_pretrain")
+    ds = task.get_dataset(
+        {"hyper_inputs": 2048, "inputs": 2048, "targets": 2048}, split="train", shuffle=False
+    )
+    return {ex["text_pretokenized"].decode(): ex for ex in ds.as_numpy_iterator()}
+
+
+def test_c4_split_is_deterministic_and_partitions_the_document(tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "kappa", "omega"]
+    docs = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(5, 60, 20)]
+    docs.append("tiny")  # too short for three segments: dropped
+    path = str(tmp_path / "docs.jsonl")
+    _write_docs(path, docs)
+    first = _c4_examples([path], seed=1, prefix="c4a")
+    assert "tiny" not in first and len(first) == 20
+    again = _c4_examples([path], seed=1, prefix="c4b")
+    _write_docs(path, docs[::-1])  # another order: every document still splits the same way
+    reordered = _c4_examples([path], seed=1, prefix="c4c")
+    other_seed = _c4_examples([path], seed=2, prefix="c4d")
+    splits_differ = 0
+    for text, ex in first.items():
+        parts = [ex[k][:-1] for k in ("hyper_inputs", "inputs", "targets")]  # drop EOS
+        assert all(len(p) >= c4.DEFAULT_MIN_SEGMENT for p in parts)
+        np.testing.assert_array_equal(np.concatenate(parts), BYTES.encode(text)[:1024])
+        for other in (again[text], reordered[text]):
+            for k in ("hyper_inputs", "inputs", "targets"):
+                np.testing.assert_array_equal(other[k], ex[k])
+        splits_differ += len(other_seed[text]["inputs"]) != len(ex["inputs"])
+    assert splits_differ > 0
+
+
+def test_c4_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        list(c4.read_documents([str(tmp_path / "missing.jsonl")]))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        list(c4.read_documents([str(bad)]))
+
+
+def test_global_batches_shard_the_batch_axis():
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    mesh = mesh_lib.make_mesh((4, 2))
+    batch = {"encoder_input_tokens": np.arange(8 * 6).reshape(8, 6), "task_id": np.arange(8)}
+    out = next(feature_converter.global_batches([batch], mesh))
+    assert out["encoder_input_tokens"].shape == (8, 6)
+    assert out["encoder_input_tokens"].addressable_shards[0].data.shape == (2, 6)
+    np.testing.assert_array_equal(np.asarray(out["task_id"]), np.arange(8))
+
+
+def test_p3_tasks_and_mixtures(tmp_path, shared_data_dir):
+    from tagi_jax.data import p3
+
+    root = os.path.join(shared_data_dir, "p3")
+    out = str(tmp_path / "p3")
+    p3.render_dataset(
+        os.path.join(root, "raw", "super_glue_copa", "validation.jsonl"),
+        os.path.join(root, "templates", "super_glue", "copa", "templates.yaml"),
+        out,
+        dataset_name="super_glue_copa",
+        score_eval=True,
+        max_examples=6,
+    )
+    p3.render_dataset(
+        os.path.join(root, "raw", "rotten_tomatoes", "sample.jsonl"),
+        os.path.join(root, "templates", "rotten_tomatoes", "templates.yaml"),
+        out,
+        split="train",
+        dataset_name="rotten_tomatoes",
+        fmt="tfrecord",
+        max_examples=5,
+    )
+    registered = tasks.register_tasks(vocabulary=BYTES, p3_dir=out, prefix="p3t")
+    assert set(registered.mixtures) == {"p3t_p3_t0_train", "p3t_p3_t0_eval_score"}
+    train = seqio.get_mixture_or_task("p3t_p3_t0_train")
+    assert all("rotten_tomatoes" in t.name for t in train.tasks)
+    assert {r for r in (train.get_rate(t) for t in train.tasks)} == {5.0}
+    score = seqio.get_mixture_or_task("p3t_p3_t0_eval_score")
+    assert score.tasks and all(t.name.endswith("_score_eval") for t in score.tasks)
+    ds = score.tasks[0].get_dataset(None, split="validation", shuffle=False)
+    rows = list(ds.as_numpy_iterator())
+    assert sum(r["is_correct"] for r in rows) == len({tuple(r["idx"])[0] for r in rows})
+    first = rows[0]
+    assert first["inputs"][-1] == 1 and np.array_equal(first["inputs"], first["hyper_inputs"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        tasks.register_tasks(vocabulary=BYTES, p3_dir=str(tmp_path / "none"), prefix="p3x")
+
+
+def test_builtin_suite_through_seqio(tmp_path):
+    from tagi_jax.data import synthetic
+
+    summary = synthetic.write_suite(
+        str(tmp_path / "suite"), instances_per_train_task=4, instances_per_test_task=2
+    )
+    tasks.register_tasks(vocabulary=BYTES, suite_dir=str(tmp_path / "suite"), prefix="st")
+    conv = feature_converter.TagiFeatureConverter()
+    lengths = conv.task_feature_lengths(
+        {"inputs": 256, "hyper_inputs": 256, "teacher_inputs": 384, "targets": 40}
+    )
+    ds = seqio.get_dataset(
+        "st_suite_def_pos2",
+        task_feature_lengths=lengths,
+        dataset_split="test",
+        shuffle=False,
+        feature_converter=conv,
+    )
+    batch = next(feature_converter.numpy_batches(ds, 4))
+    assert batch["encoder_input_tokens"].shape == (4, 256)
+    count = sum(1 for _ in ds.as_numpy_iterator())
+    assert count == 2 * len(summary.test_tasks)
+    assert {int(t) for t in batch["task_id"]} <= set(range(len(summary.test_tasks)))
