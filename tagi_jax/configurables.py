@@ -15,6 +15,7 @@ from tagi_jax.distill.lora_teachers import LoraTeacherConfig
 from tagi_jax.distill.losses import LossConfig
 from tagi_jax.models.t5_config import T5Config
 from tagi_jax.models.tagi_config import HyperConfig, TagiConfig
+from tagi_jax.training.optim import OptimizerConfig
 
 SAME_AS_T5 = "same_as_t5"
 
@@ -85,3 +86,10 @@ def ni_config(**fields) -> NIConfig:
     """``NIConfig.<field> = value``: how natural-instructions splits become examples."""
     _check_fields(NIConfig, fields)
     return NIConfig(**fields)
+
+
+@gin.configurable("OptimizerConfig")
+def optimizer_config(**fields) -> OptimizerConfig:
+    """``OptimizerConfig.<field> = value``: optimizer, schedule and clipping."""
+    _check_fields(OptimizerConfig, fields)
+    return OptimizerConfig(**fields)

@@ -10,6 +10,7 @@ import pytest
 
 from tagi_jax import configurables
 from tagi_jax.models import t5
+from tagi_jax.training import loop
 
 GIN_ROOT = os.path.join(os.path.dirname(__file__), "..", "gin_configs")
 ALL_GIN = sorted(glob.glob(os.path.join(GIN_ROOT, "**", "*.gin"), recursive=True))
@@ -39,9 +40,15 @@ def test_there_are_gin_files():
 
 @pytest.mark.parametrize("path", ALL_GIN, ids=lambda p: os.path.relpath(p, GIN_ROOT))
 def test_gin_file_parses_and_resolves(path):
-    gin.parse_config_file(path)
+    gin.add_config_file_search_path(GIN_ROOT)
+    gin.parse_config_files_and_bindings([path], ["MODEL_DIR = '/tmp/m'", "DATA_DIR = '/tmp/d'"])
     config = configurables.t5_config()
     assert config.d_model > 0
+    if "train.model" in gin.config_str():
+        # every configurable a run file references resolves to a valid config
+        model = configurables.tagi_config()
+        data = loop.DataConfig()
+        assert model.t5.vocab_size > 0 and data.task
 
 
 @pytest.mark.parametrize("name,count", sorted(RELEASED_SIZES.items()))

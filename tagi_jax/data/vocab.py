@@ -1,4 +1,7 @@
-"""Vocabularies, chosen by gin: T5's SentencePiece from a checkpoint directory, or bytes.
+"""Vocabularies: T5's SentencePiece from a checkpoint directory, or bytes.
+
+Gin chooses through ``DataConfig.vocabulary`` (``"byte"`` or a SentencePiece path); this
+module is imported lazily, after gin has locked its registry, so it registers nothing itself.
 
 ``seqio.SentencePieceVocabulary`` loads its model lazily (on first use), so building one here
 reads no file; a missing ``spiece.model`` is reported when the path is checked below, naming it.
@@ -8,13 +11,11 @@ from __future__ import annotations
 
 import os
 
-import gin
 import seqio
 
 VOCABULARIES = ("sentencepiece", "byte")
 
 
-@gin.configurable("vocabulary")
 def get_vocabulary(kind: str = "sentencepiece", path: str | None = None, extra_ids: int = 100):
     """``sentencepiece``: ``path`` is a checkpoint directory holding ``spiece.model`` (or the
     model file itself), with T5's 100 sentinel ids by default. ``byte``: UTF-8 bytes + 3 special

@@ -195,7 +195,8 @@ def _memory(config: TagiConfig, encoded, input_tokens, states, instruction_token
 
 
 def _needs_instruction(config: TagiConfig, adapters) -> bool:
-    return adapters is None or config.fusion or config.t5.instruction_cross_attention
+    generating = adapters is None and bool(config.hyper.targets)
+    return generating or config.fusion or config.t5.instruction_cross_attention
 
 
 def _encode_student(config: TagiConfig, params: Params, enc_tokens, hyper_tokens, adapters, rngs):
@@ -203,7 +204,7 @@ def _encode_student(config: TagiConfig, params: Params, enc_tokens, hyper_tokens
     states = first = embedding = None
     if _needs_instruction(config, adapters):
         states, first = encode_instruction(config, params, hyper_tokens, dropout_rng=rngs[0])
-    if adapters is None:
+    if adapters is None and config.hyper.targets:
         adapters, embedding = adapters_from_states(config, params, states, hyper_tokens, first)
     encoded = t5.encode(
         config.t5,

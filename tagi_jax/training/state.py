@@ -1,0 +1,169 @@
+"""The train state (what a checkpoint holds) and the pure TAGI train step.
+
+Parameters are split once by the trainable mask into two flat ``{path: array}`` dicts: the
+``trainable`` partition lives in ``TrainState`` with its optimizer state, step and RNG key (and
+is what checkpoints save); the ``frozen`` partition (the base T5, a frozen instruction encoder)
+is passed to every step as a separate argument and never saved again.
+
+``train_step`` is one pure function: merge the partitions, run ``tagi.forward`` with dropout,
+``losses.tagi_loss`` against precomputed teacher logits / teacher adapters, optionally over
+``grad_accum_steps`` micro-batches, and one optimizer update. A non-finite loss or gradient
+leaves the state unchanged and reports ``metrics["update_skipped"] = 1``; the loop stops there
+(or skips the batch by configuration) and the last good checkpoint stays intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from tagi_jax.distill import losses
+from tagi_jax.models import lora, tagi
+from tagi_jax.models.tagi_config import TagiConfig
+from tagi_jax.models.trainable import path_string
+
+Flat = dict[str, jax.Array]
+
+
+def partition(params, mask) -> tuple[Flat, Flat]:
+    """``(trainable, frozen)`` flat dicts keyed by ``/``-joined parameter paths."""
+    trainable, frozen = {}, {}
+    flags = jax.tree.leaves(mask)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (keypath, leaf), is_trainable in zip(leaves, flags, strict=True):
+        (trainable if is_trainable else frozen)[path_string(keypath)] = leaf
+    return trainable, frozen
+
+
+def merge(trainable: Flat, frozen: Flat, structure):
+    """The full parameter tree (``structure`` from ``jax.tree.structure(params)``)."""
+    both = {**frozen, **trainable}
+    paths = [
+        path_string(k)
+        for k, _ in jax.tree_util.tree_flatten_with_path(
+            jax.tree.unflatten(structure, [0] * structure.num_leaves)
+        )[0]
+    ]
+    return jax.tree.unflatten(structure, [both[p] for p in paths])
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: Flat
+    opt_state: Any
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Everything static about a step (hashable, a jit static argument)."""
+
+    model: TagiConfig
+    loss: losses.LossConfig
+    grad_accum_steps: int = 1
+
+    def __post_init__(self):
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+
+
+def init_state(trainable: Flat, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        trainable=trainable,
+        opt_state=optimizer.init(trainable),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
+
+
+def _loss(config: StepConfig, structure, trainable, frozen, batch, dropout_rng):
+    params = merge(trainable, frozen, structure)
+    logits, aux = tagi.forward(config.model, params, batch, dropout_rng=dropout_rng)
+    teacher_adapters = None
+    if "teacher_lora" in batch:
+        teacher_adapters = batch["teacher_lora"]
+    total, metrics = losses.tagi_loss(
+        config.loss,
+        logits,
+        batch["decoder_target_tokens"],
+        batch["decoder_loss_weights"],
+        teacher_logits=batch.get("teacher_logits"),
+        generated=aux["adapters"],
+        teacher_adapters=teacher_adapters,
+        teacher_mask=batch.get("teacher_mask"),
+    )
+    return total, metrics
+
+
+def _micro_batches(batch, count: int):
+    def split(x):
+        if isinstance(x, lora.LoraAdapters):
+            return jax.tree.map(
+                lambda a: a.reshape(a.shape[0], count, -1, *a.shape[2:]).swapaxes(0, 1), x
+            )
+        return x.reshape(count, x.shape[0] // count, *x.shape[1:])
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def train_step(config: StepConfig, optimizer, structure, state: TrainState, frozen: Flat, batch):
+    """One update. ``batch``: the model features, ``teacher_logits`` when the KL terms are
+    weighted, ``teacher_lora`` (``LoraAdapters``) and ``teacher_mask`` when alignment is."""
+    rng = jax.random.wrap_key_data(state.rng)
+    rng, dropout_rng = jax.random.split(rng)
+    grad_fn = jax.value_and_grad(
+        lambda t, b, r: _loss(config, structure, t, frozen, b, r), has_aux=True
+    )
+    if config.grad_accum_steps == 1:
+        (loss, metrics), grads = grad_fn(state.trainable, batch, dropout_rng)
+    else:
+        micro = _micro_batches(batch, config.grad_accum_steps)
+        rngs = jax.random.split(dropout_rng, config.grad_accum_steps)
+
+        def accumulate(carry, xs):
+            mb, r = xs
+            (loss, metrics), grads = grad_fn(state.trainable, mb, r)
+            total_grads, total_loss, total_metrics = carry
+            return (
+                jax.tree.map(jnp.add, total_grads, grads),
+                total_loss + loss,
+                jax.tree.map(jnp.add, total_metrics, metrics),
+            ), None
+
+        zero_metrics = jax.eval_shape(
+            lambda: grad_fn(state.trainable, jax.tree.map(lambda x: x[0], micro), rngs[0])[0][1]
+        )
+        init = (
+            jax.tree.map(jnp.zeros_like, state.trainable),
+            jnp.zeros((), jnp.float32),
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics),
+        )
+        (grads, loss, metrics), _ = jax.lax.scan(accumulate, init, (micro, rngs))
+        k = config.grad_accum_steps
+        grads = jax.tree.map(lambda g: g / k, grads)
+        loss = loss / k
+        metrics = {n: (v if n == "nonfinite" else v / k) for n, v in metrics.items()}
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (metrics["nonfinite"] == 0)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    new_trainable = optax.apply_updates(state.trainable, updates)
+
+    def keep_if_finite(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    new_state = TrainState(
+        step=state.step + jnp.where(finite, 1, 0).astype(jnp.int32),
+        trainable=keep_if_finite(new_trainable, state.trainable),
+        opt_state=keep_if_finite(opt_state, state.opt_state),
+        rng=jax.random.key_data(rng),
+    )
+    metrics = dict(
+        metrics, loss=loss, grad_norm=grad_norm, update_skipped=(~finite).astype(jnp.int32)
+    )
+    return new_state, metrics
