@@ -68,6 +68,22 @@ def _data(suite_dir: str) -> loop.DataConfig:
     )
 
 
+def _train_stage(model_dir, model, data, steps, batch_size, base_checkpoint=None):
+    """Cross-entropy training (the suite has no teachers), AdamW 3e-3 after 50 warmup steps."""
+    loop.train(
+        model_dir=model_dir,
+        model=model,
+        data=data,
+        loss=LossConfig(ce_weight=1.0, kl_weight=0.0, alignment_weight=0.0),
+        optimizer=OptimizerConfig(learning_rate=3e-3, schedule="linear_warmup", warmup_steps=50),
+        batch_size=batch_size,
+        train_steps=steps,
+        save_every=200,
+        log_every=50,
+        base_checkpoint=base_checkpoint,
+    )
+
+
 def _evaluate(model, model_dir, suite_dir, use_adapters, vocabulary):
     params = loop.load_exported(model_dir, model)
     config = ni.NIConfig(student_input="input_only")
@@ -105,31 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     data = _data(suite_dir)
     base_dir = os.path.join(args.workdir, "base")
     print("== 1/3 training the base model on the inputs alone")
-    loop.train(
-        model_dir=base_dir,
-        model=base_config(),
-        data=data,
-        loss=LossConfig(ce_weight=1.0, kl_weight=0.0, alignment_weight=0.0),
-        optimizer=OptimizerConfig(learning_rate=3e-3, schedule="linear_warmup", warmup_steps=50),
-        batch_size=args.batch_size,
-        train_steps=args.base_steps,
-        save_every=200,
-        log_every=50,
-    )
+    _train_stage(base_dir, base_config(), data, args.base_steps, args.batch_size)
     tagi_dir = os.path.join(args.workdir, "tagi")
     print("== 2/3 training TAGI (hypernetwork + fusion) on the frozen base")
-    loop.train(
-        model_dir=tagi_dir,
-        model=tagi_config(),
-        data=data,
-        loss=LossConfig(ce_weight=1.0, kl_weight=0.0, alignment_weight=0.0),
-        optimizer=OptimizerConfig(learning_rate=3e-3, schedule="linear_warmup", warmup_steps=50),
-        batch_size=args.batch_size,
-        train_steps=args.tagi_steps,
-        save_every=200,
-        log_every=50,
-        base_checkpoint=base_dir,
-    )
+    _train_stage(tagi_dir, tagi_config(), data, args.tagi_steps, args.batch_size, base_dir)
     print("== 3/3 evaluating on the held-out tasks")
     from tagi_jax.training.loop import make_vocabulary
 
