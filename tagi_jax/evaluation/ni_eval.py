@@ -51,7 +51,6 @@ def evaluate(
 
     Returns ``ni_metrics.score`` results plus ``predictions`` (one per example, in order).
     """
-    predictions: list[str] = []
     order = sorted(range(len(examples)), key=lambda i: examples[i]["task_name"])
     by_task = itertools.groupby(order, key=lambda i: examples[i]["task_name"])
     result_slots: dict[int, str] = {}

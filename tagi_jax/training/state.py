@@ -85,9 +85,6 @@ def init_state(trainable: Flat, optimizer: optax.GradientTransformation, seed: i
 def _loss(config: StepConfig, structure, trainable, frozen, batch, dropout_rng):
     params = merge(trainable, frozen, structure)
     logits, aux = tagi.forward(config.model, params, batch, dropout_rng=dropout_rng)
-    teacher_adapters = None
-    if "teacher_lora" in batch:
-        teacher_adapters = batch["teacher_lora"]
     total, metrics = losses.tagi_loss(
         config.loss,
         logits,
@@ -95,7 +92,7 @@ def _loss(config: StepConfig, structure, trainable, frozen, batch, dropout_rng):
         batch["decoder_loss_weights"],
         teacher_logits=batch.get("teacher_logits"),
         generated=aux["adapters"],
-        teacher_adapters=teacher_adapters,
+        teacher_adapters=batch.get("teacher_lora"),
         teacher_mask=batch.get("teacher_mask"),
     )
     return total, metrics
