@@ -18,8 +18,10 @@ import gin
 GIN_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs")
 
 
-def parse_flags(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tagi_jax.train", description=__doc__)
+def parse_flags(
+    argv: list[str], prog: str = "python -m tagi_jax.train", doc: str | None = __doc__
+) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=doc)
     parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
     parser.add_argument("--gin_bindings", action="append", default=[], help="NAME=VALUE binding")
     parser.add_argument("--gin_search_paths", action="append", default=[], help="extra gin dirs")
@@ -42,11 +44,18 @@ def resolve_gin_file(name: str, search: list[str]) -> str:
     raise SystemExit(f"error: gin file not found: {name} (searched {', '.join(search)})")
 
 
+def register_configurables() -> None:
+    """Imports every module that declares a gin configurable (none reads data or devices)."""
+    import tagi_jax.configurables  # noqa: F401
+    import tagi_jax.evaluation.pipeline  # noqa: F401
+    import tagi_jax.training.loop  # noqa: F401
+    import tagi_jax.training.stages  # noqa: F401
+    import tagi_jax.training.teacher_stage  # noqa: F401
+
+
 def parse_gin(args: argparse.Namespace) -> None:
     """Parses files and bindings; any gin error becomes one message naming the culprit."""
-    import tagi_jax.configurables  # noqa: F401  (registers the configurables)
-    import tagi_jax.training.loop  # noqa: F401
-
+    register_configurables()
     search = [*args.gin_search_paths, GIN_ROOT]
     for path in search:
         gin.add_config_file_search_path(path)
@@ -67,11 +76,11 @@ def parse_gin(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_flags(sys.argv[1:] if argv is None else argv)
     parse_gin(args)
-    from tagi_jax.training import loop
+    from tagi_jax.training import stages
 
     try:
-        loop.train()
-    except (FileNotFoundError, FloatingPointError, ValueError) as e:
+        stages.run()
+    except (FileNotFoundError, FileExistsError, FloatingPointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -29,6 +29,9 @@ RELEASED_SIZES = {
 
 @pytest.fixture(autouse=True)
 def clean_gin():
+    from tagi_jax import train
+
+    train.register_configurables()
     gin.clear_config()
     yield
     gin.clear_config()
@@ -38,17 +41,47 @@ def test_there_are_gin_files():
     assert len(ALL_GIN) >= 8
 
 
+# Values for every macro a run file leaves %gin.REQUIRED (any string resolves here).
+REQUIRED_MACROS = (
+    "MODEL_DIR", "DATA_DIR", "VOCABULARY", "BASE_CHECKPOINT", "TEACHER", "LORA_TEACHERS",
+    "C4_DIR", "P3_DIR", "EXPORT_DIR", "OUTPUT_DIR", "COORDINATOR",
+)  # fmt: skip
+
+
+def _resolve_everything_bound():
+    """Builds every configurable the parsed files bind, so a bad field or value fails here."""
+    from tagi_jax.parallel import distributed
+
+    builders = {
+        "T5Config": configurables.t5_config,
+        "HyperConfig": configurables.hyper_config,
+        "TagiConfig": configurables.tagi_config,
+        "LossConfig": configurables.loss_config,
+        "OptimizerConfig": configurables.optimizer_config,
+        "LoraTeacherConfig": configurables.lora_teacher_config,
+        "DataConfig": loop.DataConfig,
+        "DistributedConfig": distributed.DistributedConfig,
+    }
+    text = gin.config_str()
+    built = {name: build() for name, build in builders.items() if f"{name}." in text}
+    for configurable in ("train", "train_lora_teachers", "evaluate", "run"):
+        for line in text.splitlines():
+            if line.startswith(f"{configurable}."):
+                name = line.split("=")[0].strip()
+                gin.query_parameter(name)  # raises for an unknown parameter or macro
+    return built
+
+
 @pytest.mark.parametrize("path", ALL_GIN, ids=lambda p: os.path.relpath(p, GIN_ROOT))
 def test_gin_file_parses_and_resolves(path):
     gin.add_config_file_search_path(GIN_ROOT)
-    gin.parse_config_files_and_bindings([path], ["MODEL_DIR = '/tmp/m'", "DATA_DIR = '/tmp/d'"])
-    config = configurables.t5_config()
-    assert config.d_model > 0
+    bindings = [f"{m} = '/tmp/{m.lower()}'" for m in REQUIRED_MACROS]
+    bindings += ["NUM_PROCESSES = 2", "PROCESS_ID = 0"]
+    gin.parse_config_files_and_bindings([path], bindings)
+    built = _resolve_everything_bound()
+    assert configurables.t5_config().d_model > 0
     if "train.model" in gin.config_str():
-        # every configurable a run file references resolves to a valid config
-        model = configurables.tagi_config()
-        data = loop.DataConfig()
-        assert model.t5.vocab_size > 0 and data.task
+        assert built["TagiConfig"].t5.vocab_size > 0 and built["DataConfig"].task
 
 
 @pytest.mark.parametrize("name,count", sorted(RELEASED_SIZES.items()))

@@ -98,15 +98,9 @@ def _count_rows(task_dir: str, split: str) -> int:
     return sum(1 for _ in _rows(_split_file(task_dir, split)))
 
 
-def register_p3(
-    p3_dir: str,
-    vocabulary,
-    *,
-    prefix: str = "tagi",
-    max_examples_per_task: int = 500_000,
-) -> P3Registered:
-    """One Task per task directory in ``p3_dir``, plus the T0 training and held-out
-    score-eval mixtures (rates: examples per task, capped at ``max_examples_per_task``)."""
+def _task_names_and_categories(p3_dir: str):
+    """The task directories (``task_id`` = index), the dataset names (``category_id`` = index;
+    one past the end for a task of no listed dataset) and the task -> category-id function."""
     if not os.path.isdir(p3_dir):
         raise FileNotFoundError(f"P3 directory does not exist: {p3_dir}")
     names = sorted(d for d in os.listdir(p3_dir) if os.path.isdir(os.path.join(p3_dir, d)))
@@ -119,6 +113,28 @@ def register_p3(
         matches = [i for i, d in enumerate(datasets) if _belongs(task, d)]
         # the longest dataset prefix wins (super_glue_wsc.fixed vs a shorter super_glue_*)
         return max(matches, key=lambda i: len(datasets[i])) if matches else len(datasets)
+
+    return names, datasets, category
+
+
+def group_names(p3_dir: str, group_by: str) -> list[str]:
+    """Names indexed by ``task_id`` (``task``) or ``category_id`` (``category``: the dataset,
+    which is what P3 LoRA teachers are trained per)."""
+    names, datasets, _ = _task_names_and_categories(p3_dir)
+    return names if group_by == "task" else [*datasets, "uncategorized"]
+
+
+def register_p3(
+    p3_dir: str,
+    vocabulary,
+    *,
+    prefix: str = "tagi",
+    max_examples_per_task: int = 500_000,
+) -> P3Registered:
+    """One Task per task directory in ``p3_dir``, plus the T0 training and held-out
+    score-eval mixtures (rates: examples per task, capped at ``max_examples_per_task``)."""
+    names, _, category = _task_names_and_categories(p3_dir)
+    train_keys, eval_keys = _dataset_keys()
 
     features = {
         name: seqio.Feature(vocabulary, add_eos=True, required=False)

@@ -8,7 +8,8 @@ Names (``prefix`` defaults to ``tagi``):
 
 * ``{prefix}_sni_def`` / ``{prefix}_sni_def_pos2`` — SNI, Definition only / + 2 positive
   examples (splits ``train``, ``test``).
-* ``{prefix}_suite_def_pos2`` — the built-in instruction suite (same format as SNI).
+* ``{prefix}_suite_def`` / ``{prefix}_suite_def_pos2`` — the built-in instruction suite (same
+  format as SNI).
 * ``{prefix}_c4_pretrain`` — C4 (a, b, c) segments for hypernetwork pretraining.
 * ``{prefix}_p3_<task>`` and the mixtures ``{prefix}_p3_t0_train`` (capped rates) and
   ``{prefix}_p3_t0_eval_score`` — see ``register_p3``.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import seqio
 import tensorflow as tf
@@ -25,6 +27,19 @@ import tensorflow as tf
 from tagi_jax.data import c4, ni
 
 TEXT_FEATURES = ("inputs", "hyper_inputs", "teacher_inputs", "targets")
+
+
+class _DropUncachedWarning(logging.Filter):
+    """seqio warns on every training dataset built from a FunctionDataSource that restarts may
+    shuffle poorly. Ours shuffle each task's instances with the run's seed and the trainer
+    checkpoints the data position, so a restart continues the same order: the warning is noise
+    in every run's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "uncached FunctionDataset" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_DropUncachedWarning())
 
 
 def _features(vocabulary, names=TEXT_FEATURES) -> dict[str, seqio.Feature]:
@@ -155,9 +170,10 @@ def register_tasks(
     for data_dir, label in ((sni_dir, "sni"), (suite_dir, "suite")):
         if data_dir is None:
             continue
-        variants = {"def_pos2": dataclasses.replace(sni_config, num_pos_examples=2)}
-        if label == "sni":
-            variants["def"] = dataclasses.replace(sni_config, num_pos_examples=0)
+        variants = {
+            "def_pos2": dataclasses.replace(sni_config, num_pos_examples=2),
+            "def": dataclasses.replace(sni_config, num_pos_examples=0),
+        }
         for variant, config in variants.items():
             name = f"{prefix}_{label}_{variant}"
             register_ni(name, data_dir, vocabulary, config)

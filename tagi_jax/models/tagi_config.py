@@ -8,6 +8,7 @@ is built and names the field. Two presets (``tagi_jax/models/presets.py`` and
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import Any
 
@@ -149,3 +150,38 @@ class TagiConfig:
 
     def replace(self, **changes: Any) -> TagiConfig:
         return dataclasses.replace(self, **changes)
+
+    # --- JSON (exports and run records rebuild the config without gin) ---------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TagiConfig:
+        values = dict(values)
+        _check_fields(cls, values)
+        values["t5"] = T5Config.from_dict(values["t5"])
+        if values.get("instruction_encoder_t5") is not None:
+            values["instruction_encoder_t5"] = T5Config.from_dict(values["instruction_encoder_t5"])
+        hyper = dict(values["hyper"])
+        _check_fields(HyperConfig, hyper)
+        values["hyper"] = HyperConfig(**{k: _tuples(v) for k, v in hyper.items()})
+        return cls(**{k: _tuples(v) for k, v in values.items()})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TagiConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def _check_fields(cls, values: dict[str, Any]) -> None:
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+
+
+def _tuples(value: Any) -> Any:
+    """JSON turns tuples into lists; the configs are hashable, so turn them back."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value

@@ -15,157 +15,144 @@ import dataclasses
 import functools
 import json
 import os
-import sys
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import gin
 import jax
-import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from tagi_jax.distill import losses
 from tagi_jax.distill import teacher as teacher_lib
-from tagi_jax.models import tagi, trainable
+from tagi_jax.models import lora, tagi, trainable
 from tagi_jax.models.tagi_config import TagiConfig
+from tagi_jax.parallel import distributed as distributed_lib
 from tagi_jax.parallel import mesh as mesh_lib
 from tagi_jax.parallel import partitioning
-from tagi_jax.training import checkpointing, optim
+from tagi_jax.training import checkpointing, inputs, optim
 from tagi_jax.training import state as state_lib
-
-MODEL_FEATURES = (
-    "encoder_input_tokens",
-    "hyper_input_tokens",
-    "decoder_input_tokens",
-    "decoder_target_tokens",
-    "decoder_loss_weights",
+from tagi_jax.training.inputs import (  # noqa: F401  (re-exported: the loop's public names)
+    MODEL_FEATURES,
+    DataConfig,
+    make_vocabulary,
+    register_data,
+    train_batches,
 )
+from tagi_jax.training.progress import Progress, step_flops
+
 EXPORT_DIR = "export"  # <model_dir>/export/{t5,tagi}: the trained parameters (orbax)
-
-
-@gin.configurable("DataConfig")
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Which SeqIO task to train on and where its data lives (registered on demand).
-
-    Attributes:
-      task: the SeqIO task or mixture name (e.g. ``tagi_suite_def_pos2``).
-      feature_lengths: ``inputs``, ``hyper_inputs``, ``teacher_inputs``, ``targets`` lengths.
-      sni_dir, suite_dir, p3_dir: data directories passed to ``register_tasks``.
-      vocabulary: ``byte`` or a SentencePiece path (a checkpoint directory or spiece.model).
-      student_input: how the student's input is built for natural-instructions data.
-    """
-
-    task: str = gin.REQUIRED
-    feature_lengths: tuple[tuple[str, int], ...] = (
-        ("inputs", 1024),
-        ("hyper_inputs", 1024),
-        ("teacher_inputs", 1024),
-        ("targets", 128),
-    )
-    sni_dir: str | None = None
-    suite_dir: str | None = None
-    p3_dir: str | None = None
-    vocabulary: str = "byte"
-    student_input: str = "definition_and_input"
-    max_train_instances_per_task: int | None = 100
-
-
-def make_vocabulary(data: DataConfig):
-    from tagi_jax.data import vocab
-
-    if data.vocabulary == "byte":
-        return vocab.get_vocabulary("byte")
-    return vocab.get_vocabulary("sentencepiece", data.vocabulary)
-
-
-def register_data(data: DataConfig, vocabulary) -> None:
-    from tagi_jax.data import ni, tasks
-
-    for path in (data.sni_dir, data.suite_dir, data.p3_dir):
-        if path is not None and not os.path.isdir(path):
-            raise FileNotFoundError(f"data directory does not exist: {path}")
-    config = ni.NIConfig(
-        student_input=data.student_input,
-        max_train_instances_per_task=data.max_train_instances_per_task,
-    )
-    tasks.register_tasks(
-        vocabulary=vocabulary,
-        sni_dir=data.sni_dir,
-        suite_dir=data.suite_dir,
-        p3_dir=data.p3_dir,
-        sni_config=config,
-    )
-
-
-def train_batches(data: DataConfig, batch_size: int, seed: int, skip: int) -> Iterator[dict]:
-    """Endless numpy batches of the training split, in a seed-fixed order, after ``skip``."""
-    import seqio
-
-    from tagi_jax.data import feature_converter
-
-    vocabulary = make_vocabulary(data)
-    register_data(data, vocabulary)
-    conv = feature_converter.TagiFeatureConverter()
-    ds = seqio.get_dataset(
-        data.task,
-        task_feature_lengths=conv.task_feature_lengths(dict(data.feature_lengths)),
-        dataset_split="train",
-        shuffle=True,
-        seed=seed,
-        num_epochs=None,
-        feature_converter=conv,
-    )
-    batches = feature_converter.numpy_batches(ds, batch_size)
-    for _ in range(skip):
-        next(batches)
-    yield from batches
-
-
-class Progress:
-    """A one-line progress bar on a terminal, plain log lines otherwise; JSONL metrics."""
-
-    def __init__(self, model_dir: str, total: int, start: int):
-        self.total, self.start_step = total, start
-        self.start_time = time.time()
-        self.tty = sys.stdout.isatty()
-        self.metrics_file = open(os.path.join(model_dir, "metrics.jsonl"), "a")  # noqa: SIM115
-
-    def log(self, step: int, metrics: dict[str, float], tokens_per_second: float) -> None:
-        done = step - self.start_step
-        elapsed = time.time() - self.start_time
-        eta = elapsed / max(done, 1) * (self.total - step)
-        line = (
-            f"step {step}/{self.total}  loss {metrics['loss']:.4f}  "
-            f"tokens/s {tokens_per_second:,.0f}  ETA {int(eta) // 60}:{int(eta) % 60:02d}"
-        )
-        if self.tty:
-            print("\r" + line, end="", flush=True)
-        else:
-            print(line, flush=True)
-        record = {"step": step, "time": time.time(), "tokens_per_second": tokens_per_second}
-        self.metrics_file.write(json.dumps(record | metrics) + "\n")
-        self.metrics_file.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            print()
-        self.metrics_file.close()
+RUN_FILE = "run.json"  # <model_dir>/run.json: what `tagi_jax.export` needs to rebuild the model
 
 
 def _config_json(model: TagiConfig, loss: losses.LossConfig) -> str:
     return json.dumps({"model": repr(model), "loss": repr(loss)}, sort_keys=True)
 
 
-def _load_base(path: str):
+def load_base(path: str, mesh=None):
     """T5 parameters from a parameter checkpoint, a finished run's model_dir, or an HF dir."""
     from tagi_jax.convert import hf_t5, param_checkpoint
 
     exported = os.path.join(path, EXPORT_DIR, "t5")
     for candidate in (path, exported):
         if os.path.exists(os.path.join(candidate, param_checkpoint.CONFIG_FILE)):
-            return param_checkpoint.load(candidate)
-    return hf_t5.load(path)
+            return param_checkpoint.load(candidate, mesh=mesh)
+    return hf_t5.load(path, mesh=mesh)
+
+
+def _teacher_path(path: str) -> str:
+    """A finished run's model_dir stands for its exported backbone."""
+    exported = os.path.join(path, EXPORT_DIR, "t5")
+    return exported if os.path.isdir(exported) else path
+
+
+def _check_args(batch_size, grad_accum_steps, on_nonfinite, loss, paths) -> None:
+    if on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"train.on_nonfinite={on_nonfinite!r} is not stop/skip")
+    if batch_size < 1 or grad_accum_steps < 1 or batch_size % grad_accum_steps:
+        raise ValueError(
+            f"train.batch_size={batch_size} must be a positive multiple of "
+            f"train.grad_accum_steps={grad_accum_steps}"
+        )
+    for name, path in paths.items():
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(f"train.{name} does not exist: {path}")
+    if (loss.kl_weight or loss.standardized_kl_weight) and paths["teacher_checkpoint"] is None:
+        raise ValueError("LossConfig weights the KL terms but train.teacher_checkpoint is unset")
+    if loss.alignment_weight and paths["teacher_lora_bank"] is None:
+        raise ValueError(
+            "LossConfig.alignment_weight > 0 but train.teacher_lora_bank (the LoRA teachers "
+            "written by the lora_teachers stage) is unset"
+        )
+
+
+def _write_run_files(model_dir, model, data, paths, seed, batch_size, train_steps):
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, "config.gin"), "w") as f:
+        f.write(gin.config_str())
+    checkpointing.write_json(
+        os.path.join(model_dir, RUN_FILE),
+        {
+            "model": model.to_dict(),
+            "base_checkpoint": paths["base_checkpoint"]
+            and os.path.abspath(paths["base_checkpoint"]),
+            "init_from": paths["init_from"] and os.path.abspath(paths["init_from"]),
+            "seed": seed,
+            "data": dataclasses.asdict(data),
+            "batch_size": batch_size,
+            "train_steps": train_steps,
+        },
+    )
+
+
+def sharded_params(model: TagiConfig, mesh, rules, seed: int, base, init_from=None):
+    """The student's parameters, created already sharded: ``jax.eval_shape`` of the init gives
+    the shapes, the logical axes the shardings, and the jitted init writes each shard in place
+    (a large model never exists whole on one device). The base, if given, is grafted in;
+    ``init_from`` (a finished run, e.g. hypernetwork pretraining) replaces everything."""
+    shardings = partitioning.logical_to_shardings(tagi.param_logical_axes(model), mesh, rules)
+    if init_from is not None:
+        return _restore_exported(init_from, model, shardings), shardings
+
+    def init(key, base_params):
+        return tagi.init_params(model, key, t5_params=base_params)
+
+    with partitioning.use_mesh(mesh, rules):
+        params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed), base)
+    return params, shardings
+
+
+class _TeacherAdapters:
+    """Each example's teacher LoRA (from the bank the ``lora_teachers`` stage wrote), placed as
+    global arrays: ``teacher_lora`` and ``teacher_mask`` (False where a group has no teacher)."""
+
+    def __init__(self, path: str, data: DataConfig, mesh, rules):
+        from tagi_jax.distill import lora_teachers
+
+        self.bank = lora_teachers.TeacherBank.load(path)
+        self.names = np.asarray(inputs.teacher_group_names(data, self.bank.group_by))
+        self.id_key = "task_id" if self.bank.group_by == "task" else "category_id"
+        self.mesh, self.rules = mesh, rules
+
+    def __call__(self, numpy_batch) -> dict[str, Any]:
+        ids = np.asarray(numpy_batch[self.id_key]).reshape(-1)
+        if ids.max(initial=0) >= len(self.names):
+            raise ValueError(f"{self.id_key} {ids.max()} is beyond the {len(self.names)} names")
+        adapters, keep = self.bank.adapters_for(list(self.names[ids]), skip_missing=True)
+
+        def place(value, axes):
+            value = np.asarray(value)
+            sharding = partitioning.named_sharding(self.mesh, axes, self.rules)
+            return jax.make_array_from_callback(value.shape, sharding, lambda i: value[i])
+
+        a, b = {}, {}
+        for name in adapters.a:
+            a_axes, b_axes = lora.adapter_logical_axes(lora.TARGETS[name])
+            a[name], b[name] = place(adapters.a[name], a_axes), place(adapters.b[name], b_axes)
+        return {
+            "teacher_lora": adapters.replace(a=a, b=b),
+            "teacher_mask": place(keep, ("batch",)),
+        }
 
 
 @gin.configurable("train", denylist=["stop_after"])
@@ -178,139 +165,195 @@ def train(
     optimizer: optim.OptimizerConfig | None = None,
     batch_size: int = 8,
     train_steps: int = 100,
+    grad_accum_steps: int = 1,
     mesh_shape: tuple[int, ...] = (-1, 1),
     mesh_axes: tuple[str, ...] = ("data", "model"),
+    peak_flops_per_device: float | None = None,
+    distributed: distributed_lib.DistributedConfig | None = None,
     save_every: int = 100,
     keep: int = 3,
     log_every: int = 10,
     seed: int = 0,
     base_checkpoint: str | None = None,
     teacher_checkpoint: str | None = None,
+    teacher_lora_bank: str | None = None,
+    init_from: str | None = None,
     on_nonfinite: str = "stop",
     stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Trains until ``train_steps`` (resuming from ``model_dir``); returns the last metrics.
 
-    ``stop_after`` ends the process's work after that many steps (tests use it to simulate a
-    kill); ``on_nonfinite``: ``stop`` (raise, naming the step; the last checkpoint stays) or
-    ``skip`` (drop the batch and go on).
+    ``batch_size`` is global (all hosts together); ``grad_accum_steps`` splits it into that many
+    sequential micro-batches. ``peak_flops_per_device`` (mesh gin files) turns on MFU.
+    ``base_checkpoint``: the frozen backbone (HF dir, parameter checkpoint or a finished run);
+    ``init_from``: a finished run of the same architecture whose exported student is the start
+    (the hypernetwork pretraining -> fine-tuning hand-off); ``teacher_checkpoint``: the logit
+    teacher; ``teacher_lora_bank``: the ``lora_teachers`` stage's bank file.
+    ``on_nonfinite``: ``stop`` (raise, naming the step; the last good checkpoint stays) or
+    ``skip`` (drop the batch and go on). ``stop_after`` ends this process's work after that
+    many steps (tests use it to simulate a kill).
     """
     # Without teachers (the default) the objective is the cross-entropy alone.
     loss = loss or losses.LossConfig(ce_weight=1.0, kl_weight=0.0, alignment_weight=0.0)
     optimizer = optimizer or optim.OptimizerConfig()
-    if on_nonfinite not in ("stop", "skip"):
-        raise ValueError(f"train.on_nonfinite={on_nonfinite!r} is not stop/skip")
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, "config.gin"), "w") as f:
-        f.write(gin.config_str())
+    paths = {
+        "base_checkpoint": base_checkpoint,
+        "teacher_checkpoint": teacher_checkpoint,
+        "teacher_lora_bank": teacher_lora_bank,
+        "init_from": init_from,
+    }
+    _check_args(batch_size, grad_accum_steps, on_nonfinite, loss, paths)
+    inputs.check_paths(data)  # a missing data directory fails before any model work
+    distributed_lib.initialize(distributed)
+    main = distributed_lib.is_main_process()
+    if main:
+        _write_run_files(model_dir, model, data, paths, seed, batch_size, train_steps)
     # --- mesh --------------------------------------------------------------------------
     mesh = mesh_lib.make_mesh(mesh_shape, mesh_axes)
-    data_size = mesh.shape.get("data", 1)
-    if batch_size % data_size:
-        raise ValueError(f"batch_size={batch_size} is not divisible by the data axis ({data_size})")
+    data_parallel = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    if batch_size % data_parallel:
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by the data-parallel mesh axes "
+            f"(data x fsdp = {data_parallel}, mesh {dict(mesh.shape)})"
+        )
     rules = partitioning.DEFAULT_RULES
-    # --- parameters --------------------------------------------------------------------
+    scalar = NamedSharding(mesh, PartitionSpec())
+    # --- parameters and state, created sharded -------------------------------------------
     base = None
-    if base_checkpoint is not None:
-        if not os.path.isdir(base_checkpoint):
-            raise FileNotFoundError(f"base checkpoint does not exist: {base_checkpoint}")
-        _, base = _load_base(base_checkpoint)
-    params = tagi.init_params(model, jax.random.key(seed), t5_params=base)
-    shardings = partitioning.logical_to_shardings(tagi.param_logical_axes(model), mesh, rules)
-    params = jax.device_put(params, shardings)
+    if base_checkpoint is not None and init_from is None:
+        base = load_base(base_checkpoint, mesh)[1]
+    params, param_shardings = sharded_params(model, mesh, rules, seed, base, init_from)
+    del base
     mask = trainable.trainable_mask(model, params)
     structure = jax.tree.structure(params)
     train_params, frozen = state_lib.partition(params, mask)
+    train_shardings, frozen_shardings = state_lib.partition(param_shardings, mask)
+    if not train_params:
+        raise ValueError(
+            "nothing trains: the TagiConfig trainable preset/patterns select no parameter"
+        )
     n_train, n_total = trainable.count(params, mask)
+    del params
     optimizer = dataclasses.replace(optimizer, total_steps=max(train_steps, 1))
     tx = optim.make_optimizer(optimizer)
-    step_config = state_lib.StepConfig(model, loss)
-    with partitioning.use_mesh(mesh, rules):
-        state = jax.jit(functools.partial(state_lib.init_state, optimizer=tx, seed=seed))(
-            train_params
-        )
+    abstract_trainable = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), train_params
+    )
+    state_shardings = state_lib.state_shardings(tx, abstract_trainable, train_shardings, scalar)
+    init_state = functools.partial(state_lib.init_state, optimizer=tx, seed=seed)
+    state = jax.jit(init_state, out_shardings=state_shardings)(train_params)
     # --- restore or start --------------------------------------------------------------
     ckpt = checkpointing.Checkpointer(model_dir, config_json=_config_json(model, loss), keep=keep)
     position = 0
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(state)
         position = meta["data_position"]
-        print(f"resumed from {ckpt.directory}/{ckpt.latest_step()} (step {int(state.step)})")
+        if main:
+            print(f"resumed from {ckpt.directory}/{ckpt.latest_step()} (step {int(state.step)})")
     start = int(state.step)
-    print(
-        f"training {n_train:,} of {n_total:,} parameters on {jax.device_count()} device(s), "
-        f"mesh {dict(mesh.shape)}, steps {start}->{train_steps}, batch {batch_size}"
-    )
-    # --- teacher -----------------------------------------------------------------------
-    teacher = None
+    if main:
+        print(
+            f"training {n_train:,} of {n_total:,} parameters on {jax.device_count()} device(s) "
+            f"in {jax.process_count()} process(es), mesh {dict(mesh.shape)}, "
+            f"steps {start}->{train_steps}, batch {batch_size}",
+            flush=True,
+        )
+    # --- teachers ------------------------------------------------------------------------
+    teacher_fn = None
     if loss.kl_weight or loss.standardized_kl_weight:
-        if teacher_checkpoint is None:
-            raise ValueError(
-                "LossConfig weights the KL terms but train.teacher_checkpoint is unset"
-            )
-        teacher = teacher_lib.load_teacher(teacher_checkpoint)
-        teacher_fn = jax.jit(functools.partial(teacher_lib.teacher_logits, teacher))
-    # --- step --------------------------------------------------------------------------
-    data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    step_fn = jax.jit(
+        teacher = teacher_lib.load_teacher(_teacher_path(teacher_checkpoint), mesh=mesh)
+        logits_sharding = partitioning.named_sharding(mesh, ("batch", "length", "vocab"), rules)
+        teacher_jit = jax.jit(
+            lambda p, t, d: teacher_lib.teacher_logits(
+                teacher_lib.LogitTeacher(teacher.config, p), t, d
+            ),
+            out_shardings=logits_sharding,
+        )
+        teacher_fn = functools.partial(teacher_jit, teacher.params)
+    teacher_adapters = None
+    if loss.alignment_weight:
+        teacher_adapters = _TeacherAdapters(teacher_lora_bank, data, mesh, rules)
+    # --- the step: one jitted pure function, explicit shardings, donated state -------------
+    step_config = state_lib.StepConfig(model, loss, grad_accum_steps=grad_accum_steps)
+    step_jit = jax.jit(
         functools.partial(state_lib.train_step, step_config, tx, structure),
+        in_shardings=(state_shardings, frozen_shardings, None),  # batch: as placed (rows on data)
+        out_shardings=(state_shardings, scalar),
         donate_argnums=(0,),
     )
-    batches = train_batches(data, batch_size, seed, skip=position)
-    progress = Progress(model_dir, train_steps, start)
+    compiled = None
+    batches = train_batches(
+        data, batch_size, seed, skip=position, with_teacher=teacher_fn is not None
+    )
+    progress = None
     last: dict[str, float] = {}
     step = start
-    tokens = 0
-    window_start = time.time()
     try:
         with checkpointing.PreemptionGuard() as guard, partitioning.use_mesh(mesh, rules):
             while step < train_steps:
                 numpy_batch = next(batches)
                 position += 1
-                batch = {
-                    k: jax.device_put(jnp.asarray(numpy_batch[k]), data_sharding)
-                    for k in MODEL_FEATURES
-                }
-                if teacher is not None:
+                batch = inputs.to_global(numpy_batch, MODEL_FEATURES, mesh, rules)
+                if teacher_fn is not None:
+                    teacher_tokens = inputs.to_global(
+                        numpy_batch, ("teacher_input_tokens",), mesh, rules
+                    )["teacher_input_tokens"]
                     batch["teacher_logits"] = teacher_fn(
-                        jnp.asarray(numpy_batch["teacher_input_tokens"]),
-                        batch["decoder_input_tokens"],
+                        teacher_tokens, batch["decoder_input_tokens"]
                     )
-                state, metrics = step_fn(state, frozen, batch)
-                # Reading the loss blocks on the step: queued CPU collectives deadlock.
+                if teacher_adapters is not None:
+                    batch.update(teacher_adapters(numpy_batch))
+                if compiled is None:
+                    compiled = step_jit.lower(state, frozen, batch).compile()
+                    progress = Progress(
+                        model_dir,
+                        train_steps,
+                        start,
+                        enabled=main,
+                        flops_per_step=step_flops(compiled),
+                        peak_flops_per_device=peak_flops_per_device,
+                    )
+                state, metrics = compiled(state, frozen, batch)
+                # Reading the metrics blocks on the step: queued CPU collectives deadlock.
                 values = {k: float(v) for k, v in metrics.items()}
-                tokens += int(numpy_batch["decoder_loss_weights"].sum())
-                tokens += int((numpy_batch["encoder_input_tokens"] > 0).sum())
                 if values["update_skipped"]:
                     if on_nonfinite == "stop":
                         raise FloatingPointError(
                             f"non-finite loss at step {step + 1} (loss {values['loss']}); "
                             f"stopped, the last good checkpoint in {ckpt.directory} is kept"
                         )
-                    print(f"skipped batch {position}: non-finite loss at step {step + 1}")
+                    progress.message(
+                        f"skipped batch {position}: non-finite loss at step {step + 1}"
+                    )
                     continue
                 step += 1
                 last = values
+                progress.count(
+                    int(numpy_batch["decoder_loss_weights"].sum())
+                    + int((numpy_batch["encoder_input_tokens"] > 0).sum())
+                )
                 if step % log_every == 0 or step == train_steps:
-                    elapsed = max(time.time() - window_start, 1e-9)
                     values["learning_rate"] = float(optim.schedule(optimizer)(step))
-                    progress.log(step, values, tokens / elapsed)
-                    tokens, window_start = 0, time.time()
+                    last = progress.log(step, values)
                 if step % save_every == 0 or guard.requested or step == train_steps:
                     ckpt.save(step, state, data_position=position)
                 if guard.requested:
-                    print(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting")
+                    progress.message(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting")
                     break
                 if stop_after is not None and step - start >= stop_after:
                     break
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
         ckpt.close()
     if step == train_steps:
-        export_params(model_dir, model, state_lib.merge(state.trainable, frozen, structure))
-        with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
-            f.write(gin.operative_config_str())
-        print(f"checkpoints in {ckpt.directory}, metrics in {progress.metrics_file.name}")
+        full = state_lib.merge(state.trainable, frozen, structure)
+        export_params(model_dir, model, full)
+        if main:
+            with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
+                f.write(gin.operative_config_str())
+            where = progress.metrics_path if progress is not None else model_dir
+            print(f"checkpoints in {ckpt.directory}, metrics in {where} and tensorboard/")
     return last
 
 
@@ -326,26 +369,46 @@ def export_params(model_dir: str, model: TagiConfig, params) -> str:
 
     target = os.path.join(os.path.abspath(model_dir), EXPORT_DIR)
     tmp = target + ".tmp"
-    if os.path.exists(tmp):
+    main = distributed_lib.is_main_process()
+    if main and os.path.exists(tmp):
         shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    # Every process takes part in orbax saves of sharded arrays; only the main one moves files.
+    multihost_utils.sync_global_devices("export: clean")
     param_checkpoint.save(os.path.join(tmp, "t5"), model.t5, params["t5"])
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(tmp, "tagi", "params"), params)
     checkpointer.wait_until_finished()
-    with open(os.path.join(tmp, "tagi", "tagi_config.txt"), "w") as f:
-        f.write(repr(model))
-    if os.path.exists(target):
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    multihost_utils.sync_global_devices("export: written")
+    if main:
+        with open(os.path.join(tmp, "tagi", "tagi_config.txt"), "w") as f:
+            f.write(repr(model))
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    multihost_utils.sync_global_devices("export: moved")
     return target
 
 
 def load_exported(model_dir: str, model: TagiConfig):
     """The whole student ``export_params`` wrote, for evaluation."""
+    return _restore_exported(model_dir, model, None)
+
+
+def _restore_exported(model_dir: str, model: TagiConfig, shardings):
+    """The student tree a finished run exported, placed by ``shardings`` (None: one device)."""
     import orbax.checkpoint as ocp
 
     path = os.path.join(os.path.abspath(model_dir), EXPORT_DIR, "tagi", "params")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no exported parameters at {path}: has training finished?")
-    return ocp.StandardCheckpointer().restore(path, tagi.abstract_params(model))
+    abstract = tagi.abstract_params(model)
+    if shardings is not None:
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+        )
+    try:
+        return ocp.StandardCheckpointer().restore(path, abstract)
+    except (ValueError, KeyError) as e:
+        raise ValueError(
+            f"the parameters in {path} do not fit this TagiConfig (another architecture?): {e}"
+        ) from e

@@ -31,6 +31,11 @@ class OptimizerConfig:
     warmup_steps, total_steps, end_fraction: schedule shape.
     weight_decay, b1, b2, eps: AdamW (authors: 0, 0.9, 0.999, 1e-8).
     clip_norm: global gradient-norm clipping (authors: 1.0); 0 disables.
+    adafactor_factored: factor Adafactor's second moments of matrices into row and column
+      statistics (memory O(rows + columns) instead of O(rows x columns)).
+    adafactor_decay_rate: Adafactor's second-moment decay exponent (0.8, as t5x).
+    adafactor_parameter_scale: scale Adafactor's steps by the parameter's RMS (relative steps,
+      t5x's default); False gives absolute steps of ``learning_rate``.
     """
 
     name: str = "adamw"
@@ -44,6 +49,9 @@ class OptimizerConfig:
     b2: float = 0.999
     eps: float = 1e-8
     clip_norm: float = 1.0
+    adafactor_factored: bool = True
+    adafactor_decay_rate: float = 0.8
+    adafactor_parameter_scale: bool = True
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
@@ -85,7 +93,13 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
             lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay
         )
     else:
-        inner = optax.adafactor(lr)
+        inner = optax.adafactor(
+            lr,
+            factored=config.adafactor_factored,
+            decay_rate=config.adafactor_decay_rate,
+            multiply_by_parameter_scale=config.adafactor_parameter_scale,
+            weight_decay_rate=config.weight_decay or None,
+        )
     chain = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm else []
     return optax.chain(*chain, inner)
 

@@ -73,6 +73,32 @@ class StepConfig:
             raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
 
 
+def state_shardings(
+    optimizer: optax.GradientTransformation, abstract_trainable: Flat, trainable_shardings, scalar
+) -> TrainState:
+    """The sharding of every ``TrainState`` leaf: parameter-shaped optimizer statistics (Adam's
+    moments, Adafactor's unfactored ``v``) follow their parameter; the rest (counts, Adafactor's
+    factored row/column statistics, which are O(rows + columns)) and the step and RNG key are
+    ``scalar`` (replicated)."""
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_trainable)
+
+    def follow_parameter(leaf, sharding, parameter):
+        return sharding if tuple(leaf.shape) == tuple(parameter.shape) else scalar
+
+    opt_shardings = optax.tree_map_params(
+        optimizer,
+        follow_parameter,
+        abstract_opt,
+        trainable_shardings,
+        abstract_trainable,
+        transform_non_params=lambda _: scalar,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+    )
+    return TrainState(
+        step=scalar, trainable=trainable_shardings, opt_state=opt_shardings, rng=scalar
+    )
+
+
 def init_state(trainable: Flat, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
     return TrainState(
         step=jnp.zeros((), jnp.int32),

@@ -1,0 +1,141 @@
+"""TAGI train-step throughput and MFU: the loop's own sharded, jitted step on random data.
+
+Builds the student exactly as ``training.loop.train`` does (sharded init, trainable partition,
+optimizer state sharded like its parameters, ``jax.jit`` with explicit in/out shardings and a
+donated state), feeds random batches and prints compile time, step time, tokens per second,
+the step's FLOPs per device (XLA cost analysis) and MFU against ``--peak_tflops``. Examples:
+
+  python benchmarks/train_step.py                                  # tiny, CPU-sized
+  python benchmarks/train_step.py --model t5_1_1_base --batch 32 --enc_len 512 --hyper_len 512 \\
+      --dec_len 128 --dtype bfloat16 --peak_tflops 989              # one H100 (dense bf16)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import time
+
+import gin
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from tagi_jax import configurables
+from tagi_jax.distill import losses
+from tagi_jax.models import trainable
+from tagi_jax.parallel import mesh as mesh_lib
+from tagi_jax.parallel import partitioning
+from tagi_jax.training import inputs, loop, optim
+from tagi_jax.training import state as state_lib
+from tagi_jax.training.progress import step_flops
+
+GIN_ROOT = os.path.join(os.path.dirname(__file__), "..", "gin_configs")
+
+
+def _batch(rng, batch: int, enc: int, hyper: int, dec: int, vocab: int) -> dict[str, np.ndarray]:
+    def tokens(length):
+        return rng.integers(2, vocab, size=(batch, length), dtype=np.int32)
+
+    targets = tokens(dec)
+    return {
+        "encoder_input_tokens": tokens(enc),
+        "hyper_input_tokens": tokens(hyper),
+        "decoder_target_tokens": targets,
+        "decoder_input_tokens": np.concatenate([np.zeros_like(targets[:, :1]), targets[:, :-1]], 1),
+        "decoder_loss_weights": np.ones_like(targets),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="t5_1_1_tiny", help="a gin_configs/models/ name")
+    parser.add_argument("--method", default="paper", help="a gin_configs/methods/ name")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--enc_len", type=int, default=256)
+    parser.add_argument("--hyper_len", type=int, default=256)
+    parser.add_argument("--dec_len", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--optimizer", default="adamw", choices=optim.OPTIMIZERS)
+    parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,model sizes")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--peak_tflops", type=float, default=None, help="per device, for MFU")
+    args = parser.parse_args()
+
+    gin.parse_config_files_and_bindings(
+        [
+            os.path.join(GIN_ROOT, "models", f"{args.model}.gin"),
+            os.path.join(GIN_ROOT, "methods", f"{args.method}.gin"),
+        ],
+        [],
+    )
+    model = configurables.tagi_config()
+    model = model.replace(t5=model.t5.replace(dtype=args.dtype, dropout_rate=0.0))
+    shape = tuple(int(s) for s in args.mesh.split(","))
+    mesh = mesh_lib.make_mesh(shape, ("data", "fsdp", "model"))
+    rules = partitioning.DEFAULT_RULES
+    scalar = NamedSharding(mesh, PartitionSpec())
+
+    params, shardings = loop.sharded_params(model, mesh, rules, seed=0, base=None)
+    mask = trainable.trainable_mask(model, params)
+    structure = jax.tree.structure(params)
+    train_params, frozen = state_lib.partition(params, mask)
+    train_shardings, frozen_shardings = state_lib.partition(shardings, mask)
+    n_train, n_total = trainable.count(params, mask)
+    tx = optim.make_optimizer(
+        optim.OptimizerConfig(name=args.optimizer, learning_rate=1e-4, schedule="constant")
+    )
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), train_params)
+    state_shardings = state_lib.state_shardings(tx, abstract, train_shardings, scalar)
+    init = functools.partial(state_lib.init_state, optimizer=tx, seed=0)
+    state = jax.jit(init, out_shardings=state_shardings)(train_params)
+    loss = losses.LossConfig(ce_weight=1.0, kl_weight=0.0, alignment_weight=0.0)
+    step = jax.jit(
+        functools.partial(state_lib.train_step, state_lib.StepConfig(model, loss), tx, structure),
+        in_shardings=(state_shardings, frozen_shardings, None),
+        out_shardings=(state_shardings, scalar),
+        donate_argnums=(0,),
+    )
+    rng = np.random.default_rng(0)
+    vocab = model.t5.vocab_size
+    lens = (args.batch, args.enc_len, args.hyper_len, args.dec_len, vocab)
+    batches = [
+        inputs.to_global(_batch(rng, *lens), inputs.MODEL_FEATURES, mesh, rules) for _ in range(2)
+    ]
+    with partitioning.use_mesh(mesh, rules):
+        start = time.perf_counter()
+        compiled = step.lower(state, frozen, batches[0]).compile()
+        compile_s = time.perf_counter() - start
+        state, metrics = compiled(state, frozen, batches[0])
+        float(metrics["loss"])
+        times = []
+        for i in range(args.steps):
+            start = time.perf_counter()
+            state, metrics = compiled(state, frozen, batches[i % 2])
+            # blocking every step, as the loop does (and as CPU collectives need)
+            float(metrics["loss"])
+            times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    flops = step_flops(compiled)
+    tokens = args.batch * (args.enc_len + args.dec_len)
+    print(f"devices {jax.device_count()} ({jax.devices()[0].device_kind}), mesh {dict(mesh.shape)}")
+    print(
+        f"model {args.model} + {args.method}: {n_train:,} trainable of {n_total:,} parameters, "
+        f"{args.dtype}, {args.optimizer}"
+    )
+    print(
+        f"batch {args.batch}, lengths enc {args.enc_len} / hyper {args.hyper_len} / "
+        f"dec {args.dec_len}; loss {float(metrics['loss']):.3f}"
+    )
+    print(f"compile {compile_s:.1f}s, step {1000 * step_s:.1f} ms (median of {args.steps})")
+    print(f"tokens/s (encoder + decoder) {tokens / step_s:,.0f}")
+    if flops:
+        print(f"XLA FLOPs per step per device {flops:.3e} -> {flops / step_s / 1e12:.1f} TFLOP/s")
+        if args.peak_tflops:
+            print(f"MFU {100 * flops / step_s / (args.peak_tflops * 1e12):.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""The gin-configured evaluation behind ``python -m tagi_jax.evaluate``: score an export on
+natural-instructions tasks.
+
+Reads an export written by ``python -m tagi_jax.export`` (``export.load_export``), formats a
+split of a natural-instructions directory (SNI's layout or the built-in suite of
+``tagi_jax.data.synthetic.write_suite``) with ``ni.iter_examples``, decodes greedily with
+adapters generated once per task (``ni_eval.evaluate``) and writes to ``OUTPUT_DIR``:
+
+* ``results.json``: ``overall``, ``per_category`` and ``per_task`` ROUGE-L / exact match (percent)
+  and the settings; with ``evaluate.compare_base = True`` also ``base``, the backbone alone.
+* ``predictions.jsonl``: one line per example: ``task_name``, ``id``, ``category``,
+  ``prediction``, ``references`` and the example's ``rougeL`` / ``exact_match``.
+* ``results.md``: the per-category tables (``ni_metrics.markdown_table``).
+
+Flags are ``tagi_jax.train``'s (``--gin_file``, ``--gin_bindings``, ``--gin.NAME=VALUE``). Bad
+input (missing export or data directory, unknown split, ...) is one ``error:`` line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+
+import gin
+
+
+def _vocabulary(name: str):
+    # As loop.make_vocabulary: "byte" or a SentencePiece path (a checkpoint dir or spiece.model).
+    from tagi_jax.data import vocab
+
+    if name == "byte":
+        return vocab.get_vocabulary("byte")
+    return vocab.get_vocabulary("sentencepiece", name)
+
+
+def _summary(results: dict) -> dict:
+    return {k: results[k] for k in ("overall", "per_category", "per_task")}
+
+
+def _example_scores(prediction: str, references: list[str]) -> dict[str, float]:
+    from tagi_jax.evaluation import ni_metrics
+
+    return {
+        "rougeL": 100.0
+        * ni_metrics.best_over_references(ni_metrics.rouge_l, prediction, references),
+        "exact_match": 100.0
+        * ni_metrics.best_over_references(ni_metrics.exact_match, prediction, references),
+    }
+
+
+def write_report(
+    output_dir: str,
+    examples: list[dict],
+    results: dict,
+    base: dict | None = None,
+    *,
+    header: dict | None = None,
+    title: str = "TAGI",
+) -> dict:
+    """Writes ``predictions.jsonl``, ``results.json`` and ``results.md`` for ``results`` (and
+    ``base``: the backbone alone), ``ni_eval.evaluate`` outputs over ``examples``; returns the
+    ``results.json`` content (``header`` first)."""
+    from tagi_jax.evaluation import ni_metrics
+
+    header = header or {}
+    os.makedirs(output_dir, exist_ok=True)
+    predictions_path = os.path.join(output_dir, "predictions.jsonl")
+    with open(predictions_path, "w", encoding="utf-8") as f:
+        for i, example in enumerate(examples):
+            line = {
+                "task_name": example["task_name"],
+                "id": example["instance_id"],
+                "category": example["category"],
+                "prediction": results["predictions"][i],
+                "references": example["references"],
+                **_example_scores(results["predictions"][i], example["references"]),
+            }
+            if base is not None:
+                scores = _example_scores(base["predictions"][i], example["references"])
+                line |= {
+                    "base_prediction": base["predictions"][i],
+                    "base_rougeL": scores["rougeL"],
+                    "base_exact_match": scores["exact_match"],
+                }
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    report = {
+        **header,
+        **_summary(results),
+        "predictions_file": os.path.basename(predictions_path),
+    }
+    if base is not None:
+        report["base"] = _summary(base)
+    with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(ni_metrics.markdown_table(results, title))
+        if base is not None:
+            f.write("\n" + ni_metrics.markdown_table(base, "backbone alone, no adapters"))
+
+    return report
+
+
+@gin.configurable("evaluate")
+def evaluate(
+    *,
+    export_dir: str = gin.REQUIRED,
+    output_dir: str = gin.REQUIRED,
+    task_dir: str = gin.REQUIRED,
+    split: str = "test",
+    student_input: str = "definition_and_input",
+    num_pos_examples: int = 2,
+    vocabulary: str = "byte",
+    input_length: int = 1024,
+    instruction_length: int = 1024,
+    max_decode_len: int = 128,
+    batch_size: int = 32,
+    max_instances_per_task: int | None = None,
+    compare_base: bool = False,
+) -> dict:
+    """Evaluates the export in ``export_dir`` on ``split`` of ``task_dir``; returns what
+    ``results.json`` holds.
+
+    ``student_input``: as ``ni.NIConfig.student_input`` (what the adapted model reads).
+    ``num_pos_examples``: demonstrations in the instruction (2: Def + 2 Pos; 0: Definition only).
+    ``max_instances_per_task``: None keeps the split's standard evaluation instances (the first
+    100 of each task; for ``train``, the seeded draw training uses).
+    ``compare_base``: also decode with the backbone alone (no adapters, no instruction).
+    """
+    from tagi_jax import export
+    from tagi_jax.data import ni
+    from tagi_jax.evaluation import ni_eval
+
+    start = time.time()
+    export_dir, task_dir = os.path.abspath(export_dir), os.path.abspath(task_dir)
+    output_dir = os.path.abspath(output_dir)
+    if not os.path.isdir(export_dir):
+        raise FileNotFoundError(f"export directory does not exist: {export_dir}")
+    if not os.path.isdir(task_dir):
+        raise FileNotFoundError(f"task directory does not exist: {task_dir}")
+    if batch_size < 1:
+        raise ValueError(f"evaluate.batch_size must be >= 1, got {batch_size}")
+    if max_instances_per_task is not None and max_instances_per_task < 1:
+        raise ValueError("evaluate.max_instances_per_task must be >= 1 or None")
+    ni.read_split(task_dir, split)  # an unknown split fails here, naming the files looked for
+    fields = {"student_input": student_input, "num_pos_examples": num_pos_examples}
+    if max_instances_per_task is not None:
+        fields |= {
+            "eval_instances_per_task": max_instances_per_task,
+            "max_train_instances_per_task": max_instances_per_task,
+        }
+    examples = list(ni.iter_examples(task_dir, split, ni.NIConfig(**fields)))
+
+    model, params = export.load_export(export_dir)
+    vocab = _vocabulary(vocabulary)
+    if vocab.vocab_size > model.t5.vocab_size:
+        raise ValueError(
+            f"vocabulary {vocabulary!r} has {vocab.vocab_size} ids, the exported model "
+            f"{model.t5.vocab_size}: wrong evaluate.vocabulary for this export?"
+        )
+    per_task = collections.Counter(e["task_name"] for e in examples)
+    # ni_eval pads every batch to batch_size rows (one compilation for the whole evaluation):
+    # no more rows than the largest task has, or small tasks decode mostly padding.
+    rows = min(batch_size, max(per_task.values()))
+    print(
+        f"evaluating {export_dir} on {len(examples)} examples of {len(per_task)} tasks "
+        f"({task_dir}, split {split!r}), batch {rows}"
+    )
+    lengths = {
+        "input_length": input_length,
+        "instruction_length": instruction_length,
+        "max_decode_len": max_decode_len,
+        "batch_size": rows,
+    }
+    results = ni_eval.evaluate(model, params, examples, vocab, use_adapters=True, **lengths)
+    base = None
+    if compare_base:
+        base = ni_eval.evaluate(model, params, examples, vocab, use_adapters=False, **lengths)
+
+    info_path = os.path.join(export_dir, export.INFO_FILE)
+    info = {}
+    if os.path.isfile(info_path):
+        with open(info_path) as f:
+            info = json.load(f)
+    header = {
+        "export_dir": export_dir,
+        "step": info.get("step"),
+        "task_dir": task_dir,
+        "split": split,
+        "settings": {
+            "student_input": student_input,
+            "num_pos_examples": num_pos_examples,
+            "vocabulary": vocabulary,
+            "input_length": input_length,
+            "instruction_length": instruction_length,
+            "max_decode_len": max_decode_len,
+            "max_instances_per_task": max_instances_per_task,
+        },
+    }
+    report = write_report(
+        output_dir, examples, results, base, header=header, title=f"TAGI ({export_dir}, {split})"
+    )
+
+    o = results["overall"]
+    print(f"TAGI: ROUGE-L {o['rougeL']:.2f}  EM {o['exact_match']:.2f}  ({o['count']} examples)")
+    if base is not None:
+        b = base["overall"]
+        print(f"base: ROUGE-L {b['rougeL']:.2f}  EM {b['exact_match']:.2f}  (no adapters)")
+    print(
+        f"wrote {output_dir}/results.json, results.md, predictions.jsonl "
+        f"in {time.time() - start:.0f}s"
+    )
+    return report

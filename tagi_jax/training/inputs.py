@@ -1,0 +1,183 @@
+"""What the trainer feeds the model: the gin ``DataConfig``, the SeqIO batch stream and its
+placement on the mesh as global arrays.
+
+Every host reads the same seed-ordered stream of *global* batches and puts only the rows its own
+devices hold onto them (``jax.make_array_from_callback``). So the global batch, and with it the
+loss, does not depend on how many hosts or devices there are, and a run resumed on another
+topology continues the same data order. The price is that each host tokenizes the whole global
+batch; at the batch sizes of TAGI fine-tuning (8-32 per step) that is far below a step's time.
+TensorFlow and SeqIO stay inside ``tagi_jax.data``; they are imported here only inside functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping, Sequence
+
+import gin
+import jax
+import numpy as np
+
+from tagi_jax.parallel import partitioning
+
+MODEL_FEATURES = (
+    "encoder_input_tokens",
+    "hyper_input_tokens",
+    "decoder_input_tokens",
+    "decoder_target_tokens",
+    "decoder_loss_weights",
+)
+
+
+@gin.configurable("DataConfig")
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which SeqIO task to train on and where its data lives (registered on demand).
+
+    Attributes:
+      task: the SeqIO task or mixture name (``tagi_suite_def_pos2``, ``tagi_sni_def_pos2``,
+        ``tagi_sni_def``, ``tagi_c4_pretrain``, ``tagi_p3_t0_train``, ...).
+      feature_lengths: ``inputs``, ``hyper_inputs``, ``teacher_inputs``, ``targets`` lengths.
+      sni_dir, suite_dir, p3_dir: natural-instructions / built-in suite / P3 directories.
+      c4_files: local C4 JSON(L) files for hyper-pretraining; or ``c4_tfds_dir`` (TFDS c4/en).
+      vocabulary: ``byte`` or a SentencePiece path (a checkpoint directory or spiece.model).
+      student_input: how the student's input is built for natural-instructions data
+        (``definition_and_input``, ``input_only``, ``teacher_source``: the metatrain input).
+      max_train_instances_per_task: the paper's 100 per SNI task; None for all.
+    """
+
+    task: str = gin.REQUIRED
+    feature_lengths: tuple[tuple[str, int], ...] = (
+        ("inputs", 1024),
+        ("hyper_inputs", 1024),
+        ("teacher_inputs", 1024),
+        ("targets", 128),
+    )
+    sni_dir: str | None = None
+    suite_dir: str | None = None
+    p3_dir: str | None = None
+    c4_files: tuple[str, ...] | None = None
+    c4_tfds_dir: str | None = None
+    vocabulary: str = "byte"
+    student_input: str = "definition_and_input"
+    max_train_instances_per_task: int | None = 100
+
+
+def make_vocabulary(data: DataConfig):
+    from tagi_jax.data import vocab
+
+    if data.vocabulary == "byte":
+        return vocab.get_vocabulary("byte")
+    return vocab.get_vocabulary("sentencepiece", data.vocabulary)
+
+
+def _ni_config(data: DataConfig):
+    from tagi_jax.data import ni
+
+    return ni.NIConfig(
+        student_input=data.student_input,
+        max_train_instances_per_task=data.max_train_instances_per_task,
+    )
+
+
+def check_paths(data: DataConfig) -> None:
+    """Fails before any model work when a configured data path does not exist."""
+    for field in ("sni_dir", "suite_dir", "p3_dir", "c4_tfds_dir"):
+        path = getattr(data, field)
+        if path is not None and not os.path.isdir(path):
+            raise FileNotFoundError(f"DataConfig.{field}: data directory does not exist: {path}")
+    for path in data.c4_files or ():
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"DataConfig.c4_files: no such file: {path}")
+
+
+def register_data(data: DataConfig, vocabulary) -> None:
+    from tagi_jax.data import tasks
+
+    check_paths(data)
+    tasks.register_tasks(
+        vocabulary=vocabulary,
+        sni_dir=data.sni_dir,
+        suite_dir=data.suite_dir,
+        p3_dir=data.p3_dir,
+        c4_files=list(data.c4_files) if data.c4_files else None,
+        c4_tfds_dir=data.c4_tfds_dir,
+        sni_config=_ni_config(data),
+    )
+
+
+def train_batches(
+    data: DataConfig, batch_size: int, seed: int, skip: int, *, with_teacher: bool = False
+) -> Iterator[dict[str, np.ndarray]]:
+    """Endless global numpy batches of the training split in a seed-fixed order, after ``skip``.
+
+    ``with_teacher`` keeps the teacher's input stream (``teacher_input_tokens``) for the KL
+    terms; without it that stream is not built at all.
+    """
+    import seqio
+
+    from tagi_jax.data import feature_converter
+
+    vocabulary = make_vocabulary(data)
+    register_data(data, vocabulary)
+    conv = feature_converter.TagiFeatureConverter(with_teacher=with_teacher)
+    lengths = dict(data.feature_lengths)
+    if not with_teacher:
+        lengths.pop("teacher_inputs", None)
+    ds = seqio.get_dataset(
+        data.task,
+        task_feature_lengths=conv.task_feature_lengths(lengths),
+        dataset_split="train",
+        shuffle=True,
+        seed=seed,
+        num_epochs=None,
+        feature_converter=conv,
+    )
+    batches = feature_converter.numpy_batches(ds, batch_size)
+    for _ in range(skip):
+        next(batches)
+    yield from batches
+
+
+def teacher_group_names(data: DataConfig, group_by: str) -> list[str]:
+    """Names indexed by the batch's ``task_id`` (``group_by="task"``) or ``category_id``
+    (``"category"``): how a LoRA-teacher bank row is found for each example."""
+    if group_by not in ("task", "category"):
+        raise ValueError(f"group_by={group_by!r} is not task/category")
+    ni_dir = data.sni_dir or data.suite_dir
+    if data.task.startswith(("tagi_sni", "tagi_suite")) and ni_dir is not None:
+        from tagi_jax.data import ni
+
+        tasks = ni.load_split(ni_dir, "train", _ni_config(data))
+        return [name for name, _ in tasks] if group_by == "task" else ni.categories(tasks)
+    if "_p3_" in data.task and data.p3_dir is not None:
+        from tagi_jax.data import p3_tasks
+
+        return p3_tasks.group_names(data.p3_dir, group_by)
+    raise ValueError(
+        f"LoRA-teacher alignment needs natural-instructions or P3 data; task {data.task!r} "
+        "has neither (set DataConfig.sni_dir/suite_dir/p3_dir)"
+    )
+
+
+def batch_sharding(mesh, ndim: int, rules=partitioning.DEFAULT_RULES):
+    """Rows over the data-parallel axes, everything else whole."""
+    return partitioning.named_sharding(mesh, ("batch",) + (None,) * (ndim - 1), rules)
+
+
+def to_global(
+    numpy_batch: Mapping[str, np.ndarray],
+    keys: Sequence[str],
+    mesh,
+    rules=partitioning.DEFAULT_RULES,
+) -> dict[str, jax.Array]:
+    """Global arrays of ``keys``: each process copies only its devices' rows to them."""
+    out = {}
+    for key in keys:
+        value = np.asarray(numpy_batch[key])
+        sharding = batch_sharding(mesh, value.ndim, rules)
+        out[key] = jax.make_array_from_callback(
+            value.shape, sharding, lambda index, v=value: v[index]
+        )
+    return out

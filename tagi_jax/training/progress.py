@@ -1,0 +1,115 @@
+"""Training progress: a one-line bar on a terminal (plain log lines otherwise), JSONL metrics and
+TensorBoard event files in ``MODEL_DIR``, tokens per second and model FLOPs utilisation.
+
+MFU = (FLOPs of one train step on one device) x (steps per second) / (the device's peak FLOP/s).
+The FLOPs come from XLA's cost analysis of the compiled, partitioned step (per device), so they
+count what the step really computes: forward, the backward through the frozen base that the
+trainable parameters need, the optimizer update, and any rematerialisation (with
+``T5Config.remat_policy`` set, MFU therefore reads slightly high against the model-only
+6·N·tokens rule). The peak is a property of the hardware and comes from the mesh gin file
+(``train.peak_flops_per_device``); without it MFU is not reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from tagi_jax.training import tensorboard
+
+
+def step_flops(compiled) -> float | None:
+    """FLOPs per device of a compiled step (XLA cost analysis), or None where unavailable."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001  (some backends do not implement it: MFU is optional)
+        return None
+    if isinstance(analysis, (list, tuple)):  # older JAX: one dict per partition
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+class Progress:
+    """Logs a window of steps at a time; only the main process writes (``enabled``)."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        total: int,
+        start: int,
+        *,
+        enabled: bool = True,
+        flops_per_step: float | None = None,
+        peak_flops_per_device: float | None = None,
+    ):
+        self.total, self.start_step = total, start
+        self.enabled = enabled
+        self.flops_per_step = flops_per_step
+        self.peak = peak_flops_per_device
+        self.start_time = time.time()
+        self.tty = sys.stdout.isatty()
+        self.metrics_path = os.path.join(model_dir, "metrics.jsonl")
+        self._window_start = time.time()
+        self._window_steps = 0
+        self._window_tokens = 0
+        self._printed_bar = False
+        self.metrics_file = None
+        self.writer = None
+        if enabled:
+            self.metrics_file = open(self.metrics_path, "a")  # noqa: SIM115  (open for the run)
+            self.writer = tensorboard.SummaryWriter(os.path.join(model_dir, "tensorboard"))
+
+    def count(self, tokens: int) -> None:
+        """One finished step that processed ``tokens`` (non-padding) tokens."""
+        self._window_steps += 1
+        self._window_tokens += tokens
+
+    def log(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Writes ``metrics`` plus throughput for the window since the last call; returns all."""
+        now = time.time()
+        elapsed = max(now - self._window_start, 1e-9)
+        record = dict(metrics)
+        record["tokens_per_second"] = self._window_tokens / elapsed
+        record["steps_per_second"] = self._window_steps / elapsed
+        if self.flops_per_step and self.peak:
+            record["mfu"] = self.flops_per_step * record["steps_per_second"] / self.peak
+        self._window_start, self._window_steps, self._window_tokens = now, 0, 0
+        if not self.enabled:
+            return record
+        done = step - self.start_step
+        eta = (now - self.start_time) / max(done, 1) * (self.total - step)
+        line = (
+            f"step {step}/{self.total}  loss {record['loss']:.4f}  "
+            f"tokens/s {record['tokens_per_second']:,.0f}"
+            + (f"  MFU {100 * record['mfu']:.1f}%" if "mfu" in record else "")
+            + f"  ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+        )
+        if self.tty:
+            print("\r" + line, end="", flush=True)
+            self._printed_bar = True
+        else:
+            print(line, flush=True)
+        self.metrics_file.write(json.dumps({"step": step, "time": now} | record) + "\n")
+        self.metrics_file.flush()
+        self.writer.scalars(step, record)
+        return record
+
+    def message(self, text: str) -> None:
+        """A line that must not be overwritten by the bar."""
+        if not self.enabled:
+            return
+        if self._printed_bar:
+            print()
+            self._printed_bar = False
+        print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._printed_bar:
+            print()
+        self.metrics_file.close()
+        self.writer.close()

@@ -1,0 +1,316 @@
+"""``tagi_jax.export`` and ``tagi_jax.evaluate`` on the tiny run: exact parameters, base
+references, overwrite refusal, errors that name the path, and scores consistent with their
+per-example records."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tagi_jax import export
+from tagi_jax.models import tagi, trainable
+from tagi_jax.training import loop
+from tagi_jax.training import state as state_lib
+
+ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(module: str, *flags: str, timeout: int = 600):
+    cmd = [sys.executable, "-m", module, *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout)
+
+
+def _train(model_dir: str, suite: str, steps: int, *flags: str) -> str:
+    result = _run(
+        "tagi_jax.train",
+        "--gin_file=runs/tiny_cpu.gin",
+        f"--gin.MODEL_DIR='{model_dir}'",
+        f"--gin.DATA_DIR='{suite}'",
+        f"--gin.TRAIN_STEPS={steps}",
+        *flags,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return model_dir
+
+
+def _assert_trees_equal(a, b) -> None:
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for (path, x), y in zip(
+        jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b), strict=True
+    ):
+        assert x.dtype == y.dtype, jax.tree_util.keystr(path)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), jax.tree_util.keystr(path))
+
+
+def _batch(vocab_size: int):
+    rng = np.random.default_rng(0)
+    tokens = {k: rng.integers(2, vocab_size, (2, 12)).astype(np.int32) for k in tagi.BATCH_KEYS}
+    tokens["encoder_input_tokens"][:, -3:] = 0  # some padding
+    return {k: jnp.asarray(v) for k, v in tokens.items()}
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    from tagi_jax.data import synthetic
+
+    out = str(tmp_path_factory.mktemp("suite"))
+    synthetic.write_suite(out, instances_per_train_task=8, instances_per_test_task=4)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, suite):
+    """A finished tiny run with no base checkpoint (the backbone is the seed's init)."""
+    return _train(str(tmp_path_factory.mktemp("runs") / "run"), suite, 4)
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    return export.export_run(run, str(tmp_path_factory.mktemp("exports") / "e"))
+
+
+def test_export_layout_and_exact_parameters(run, exported):
+    for name in ("tagi_config.json", "params", "base.json", "export.json", "t5/t5_config.json"):
+        assert os.path.exists(os.path.join(exported, name)), name
+    assert not os.path.exists(exported + ".tmp")
+    with open(os.path.join(exported, "base.json")) as f:
+        assert json.load(f) == {"path": "t5", "kind": "included"}  # the run had no base
+    with open(os.path.join(exported, "export.json")) as f:
+        info = json.load(f)
+    assert info["step"] == 4 and info["model_dir"] == os.path.abspath(run)
+
+    model, params = export.load_export(exported)
+    # Independently: the checkpoint's trainable partition merged into the seed's frozen init.
+    import orbax.checkpoint as ocp
+
+    state = ocp.StandardCheckpointer().restore(os.path.join(run, "checkpoints", "4", "state"))
+    # jitted, as the loop creates parameters (an eager init differs in the last bit)
+    init = jax.jit(lambda key: tagi.init_params(model, key))(jax.random.key(0))
+    _, frozen = state_lib.partition(init, trainable.trainable_mask(model, init))
+    expected = state_lib.merge(state["trainable"], frozen, jax.tree.structure(init))
+    _assert_trees_equal(params, expected)
+    # ... and the loop's own end-of-run export, through the model's logits.
+    from_loop = loop.load_exported(run, model)
+    _assert_trees_equal(params, from_loop)
+    batch = _batch(model.t5.vocab_size)
+    logits, _ = tagi.forward(model, params, batch)
+    reference, _ = tagi.forward(model, from_loop, batch)
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(reference))
+    # E/t5 is a base in its own right.
+    _, t5_params = loop.load_base(os.path.join(exported, "t5"))
+    _assert_trees_equal(t5_params, params["t5"])
+
+
+def test_export_with_base_reference(run, suite, tmp_path):
+    base = os.path.join(run, "export", "t5")
+    second = _train(str(tmp_path / "second"), suite, 2, f"--gin.train.base_checkpoint='{base}'")
+    out = str(tmp_path / "e")
+    result = _run("tagi_jax.export", "--model_dir", second, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reference" in result.stdout and "MiB" in result.stdout
+    with open(os.path.join(out, "base.json")) as f:
+        info = json.load(f)
+    assert info["path"] == os.path.abspath(base) and info["kind"] == "reference"
+    assert info["fingerprint"] == export.fingerprint(
+        {f"t5/{p}": v for p, v in export._flatten(loop.load_base(base)[1]).items()}
+    )
+    assert not os.path.exists(os.path.join(out, "t5"))
+    model, params = export.load_export(out)
+    _assert_trees_equal(params, loop.load_exported(second, model))
+    _assert_trees_equal(params["t5"], loop.load_base(base)[1])
+    # --include_base copies the backbone instead
+    included = export.export_run(second, str(tmp_path / "inc"), include_base=True)
+    with open(os.path.join(included, "base.json")) as f:
+        assert json.load(f)["kind"] == "included"
+    _assert_trees_equal(export.load_export(included)[1], params)
+    # a base that changed since the export is refused (verify_base=False takes it anyway)
+    changed = loop.load_base(base)[1]
+    changed["decoder"]["final_layer_norm"]["scale"] = (
+        changed["decoder"]["final_layer_norm"]["scale"] + 1.0
+    )
+    from tagi_jax.convert import param_checkpoint
+
+    param_checkpoint.save(str(tmp_path / "changed"), model.t5, changed)
+    moved = str(tmp_path / "moved")
+    shutil.copytree(out, moved)
+    with open(os.path.join(moved, "base.json"), "w") as f:
+        json.dump(dict(info, path=str(tmp_path / "changed")), f)
+    with pytest.raises(export.ExportError, match="changed"):
+        export.load_export(moved)
+    _assert_trees_equal(export.load_export(moved, verify_base=False)[1]["t5"], changed)
+    # a reference that went away is named
+    with open(os.path.join(moved, "base.json"), "w") as f:
+        json.dump({"path": str(tmp_path / "gone"), "kind": "reference"}, f)
+    with pytest.raises(FileNotFoundError, match="gone"):
+        export.load_export(moved)
+
+
+def test_overwrite_is_refused_unless_asked(run, exported, tmp_path):
+    out = str(tmp_path / "e")
+    shutil.copytree(exported, out)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export.export_run(run, out)
+    result = _run("tagi_jax.export", "--model_dir", run, "--out", out)
+    assert result.returncode == 2 and out in result.stderr and "--overwrite" in result.stderr
+    os.remove(os.path.join(out, "export.json"))  # so a rewrite shows
+    export.export_run(run, out, step=4, overwrite=True)
+    assert os.path.isfile(os.path.join(out, "export.json"))
+    assert sorted(os.listdir(tmp_path)) == ["e"]  # no leftover e.tmp
+    export.load_export(out)
+
+
+def test_bad_inputs_name_the_path(run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        export.export_run(str(tmp_path / "nope"), str(tmp_path / "e"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="run.json"):
+        export.export_run(str(empty), str(tmp_path / "e"))
+    shutil.copy(os.path.join(run, "run.json"), empty / "run.json")
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        export.export_run(str(empty), str(tmp_path / "e"))
+    (empty / "checkpoints").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        export.export_run(str(empty), str(tmp_path / "e"))
+    with pytest.raises(FileNotFoundError, match=r"step 99 .*available steps: 4"):
+        export.export_run(run, str(tmp_path / "e"), step=99)
+    with pytest.raises(FileNotFoundError, match="not_an_export"):
+        export.load_export(str(tmp_path / "not_an_export"))
+    with pytest.raises(FileNotFoundError, match="tagi_config.json"):
+        export.load_export(str(empty))
+    assert not os.path.exists(tmp_path / "e")
+
+
+def _lines(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _check_consistent(output_dir: str, prefix: str = "") -> dict:
+    """Per-example scores recomputed with ni_metrics match the file; aggregates are their means."""
+    from tagi_jax.evaluation import ni_metrics
+
+    with open(os.path.join(output_dir, "results.json")) as f:
+        results = json.load(f)
+    lines = _lines(os.path.join(output_dir, "predictions.jsonl"))
+    summary = results["base"] if prefix else results
+    for line in lines:
+        pred, refs = line[f"{prefix}prediction"], line["references"]
+        rouge = 100 * ni_metrics.best_over_references(ni_metrics.rouge_l, pred, refs)
+        em = 100 * ni_metrics.best_over_references(ni_metrics.exact_match, pred, refs)
+        assert line[f"{prefix}rougeL"] == pytest.approx(rouge, abs=1e-9)
+        assert line[f"{prefix}exact_match"] == pytest.approx(em, abs=1e-9)
+    overall = summary["overall"]
+    assert overall["count"] == len(lines)
+    assert overall["rougeL"] == pytest.approx(np.mean([x[f"{prefix}rougeL"] for x in lines]))
+    assert overall["exact_match"] == pytest.approx(
+        np.mean([x[f"{prefix}exact_match"] for x in lines])
+    )
+    for task, s in summary["per_task"].items():
+        mine = [x[f"{prefix}rougeL"] for x in lines if x["task_name"] == task]
+        assert s["count"] == len(mine) and s["rougeL"] == pytest.approx(np.mean(mine))
+    assert sum(s["count"] for s in summary["per_category"].values()) == len(lines)
+    return results
+
+
+def test_evaluate_cli(exported, suite, tmp_path):
+    out = str(tmp_path / "eval")
+    result = _run(
+        "tagi_jax.evaluate",
+        "--gin_file=runs/evaluate_suite.gin",
+        f"--gin.EXPORT_DIR='{exported}'",
+        f"--gin.DATA_DIR='{suite}'",
+        f"--gin.OUTPUT_DIR='{out}'",
+        "--gin.evaluate.max_instances_per_task=2",
+        "--gin.evaluate.compare_base=True",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ROUGE-L" in result.stdout and "results.json" in result.stdout
+    results = _check_consistent(out)
+    _check_consistent(out, prefix="base_")
+    lines = _lines(os.path.join(out, "predictions.jsonl"))
+    from tagi_jax.data import ni
+
+    examples = list(ni.iter_examples(suite, "test", ni.NIConfig(eval_instances_per_task=2)))
+    assert [(x["task_name"], x["id"]) for x in lines] == [
+        (e["task_name"], e["instance_id"]) for e in examples
+    ]
+    assert [x["references"] for x in lines] == [e["references"] for e in examples]
+    assert results["split"] == "test" and results["step"] == 4
+    with open(os.path.join(out, "results.md")) as f:
+        table = f.read()
+    assert "**overall**" in table and "no adapters" in table
+
+
+def test_evaluate_errors_exit_2(exported, suite, tmp_path):
+    def evaluate(*flags):
+        return _run(
+            "tagi_jax.evaluate",
+            "--gin_file=runs/evaluate_suite.gin",
+            f"--gin.OUTPUT_DIR='{tmp_path / 'out'}'",
+            *flags,
+        )
+
+    missing_export = evaluate(
+        f"--gin.EXPORT_DIR='{tmp_path / 'no_export'}'", f"--gin.DATA_DIR='{suite}'"
+    )
+    assert missing_export.returncode == 2 and "no_export" in missing_export.stderr
+    missing_data = evaluate(
+        f"--gin.EXPORT_DIR='{exported}'", f"--gin.DATA_DIR='{tmp_path / 'no_data'}'"
+    )
+    assert missing_data.returncode == 2 and "no_data" in missing_data.stderr
+    bad_split = evaluate(
+        f"--gin.EXPORT_DIR='{exported}'", f"--gin.DATA_DIR='{suite}'", "--gin.evaluate.split='dev'"
+    )
+    assert bad_split.returncode == 2 and "dev_tasks.txt" in bad_split.stderr
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_report_of_a_known_prediction_set(suite, tmp_path):
+    """Half the predictions are a reference, half are junk: EM is exactly 50, and the report's
+    files agree with each other (the tiny run itself scores ~0, a weak check on its own)."""
+    from tagi_jax.data import ni
+    from tagi_jax.evaluation import ni_metrics, pipeline
+
+    config = ni.NIConfig(student_input="input_only", eval_instances_per_task=2)
+    examples = list(ni.iter_examples(suite, "test", config))
+    preds = [e["references"][0] if i % 2 else "zz" for i, e in enumerate(examples)]
+    keys = ("references", "task_name", "category")
+    results = ni_metrics.score(preds, *([e[k] for e in examples] for k in keys))
+    results["predictions"] = preds
+    out = str(tmp_path / "report")
+    report = pipeline.write_report(out, examples, results, header={"split": "test"})
+    written = _check_consistent(out)
+    assert written["overall"] == report["overall"] and written["split"] == "test"
+    assert written["overall"]["exact_match"] == pytest.approx(50.0)
+    assert 50.0 <= written["overall"]["rougeL"] < 100.0
+
+
+@pytest.mark.parametrize("name", ["evaluate_suite.gin", "evaluate_sni.gin"])
+def test_gin_files_parse_and_bind(name):
+    """As tests/test_gin_configs.py parses every file: the file's import registers `evaluate`."""
+    gin.clear_config()
+    try:
+        gin.add_config_file_search_path(os.path.join(ROOT, "gin_configs"))
+        macros = ("MODEL_DIR", "DATA_DIR", "EXPORT_DIR", "OUTPUT_DIR", "VOCABULARY")
+        gin.parse_config_files_and_bindings(
+            [os.path.join(ROOT, "gin_configs", "runs", name)], [f"{m} = '/{m}'" for m in macros]
+        )
+        assert str(gin.query_parameter("evaluate.export_dir")) == "%EXPORT_DIR"
+        assert gin.query_parameter("%EXPORT_DIR") == "/EXPORT_DIR"
+        lengths = 256 if "suite" in name else 1024
+        assert gin.query_parameter("evaluate.input_length") == lengths
+        assert gin.query_parameter("evaluate.instruction_length") == lengths
+        assert gin.query_parameter("evaluate.max_decode_len") == (40 if "suite" in name else 128)
+    finally:
+        gin.clear_config()
