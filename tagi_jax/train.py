@@ -4,6 +4,12 @@ Flags: ``--gin_file`` (repeatable; searched in ``gin_configs/`` and ``--gin_sear
 ``--gin_bindings`` (repeatable) and ``--gin.NAME=VALUE`` (rewritten to a binding, t5x style).
 The parsed config goes to ``<MODEL_DIR>/config.gin`` before training and the operative config
 (every value actually used) to ``<MODEL_DIR>/operative_config.gin`` after.
+
+The run file's ``run.stage`` picks what runs: ``train`` (the training loop: the metatrain,
+hyper_pretrain and finetune stages) or ``lora_teachers``. Stage run files live in
+``gin_configs/runs/``; add a ``gin_configs/mesh/`` file for accelerators. Bad input (unknown
+binding or file, missing data or checkpoint, a checkpoint of another model, a non-finite loss)
+ends with one ``error:`` line and exit status 2.
 """
 
 from __future__ import annotations

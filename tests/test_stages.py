@@ -149,3 +149,28 @@ def test_pretrain_to_finetune_hand_off(tmp_path, suite):
     # starting from the pretrained student, not from scratch: the first loss is not the
     # from-scratch first loss (the same seed and data would reproduce it exactly)
     assert first != pytest.approx(pretrain_losses[0], abs=1e-6)
+
+
+def test_hyper_pretraining_on_local_c4(tmp_path, suite):
+    """The hyper_pretrain stage's data path: C4 documents cut into (a, b, c) segments, a to
+    the hypernetwork, b to the encoder, c as the target."""
+    from tagi_jax.data import synthetic
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "c4.jsonl"
+    with open(path, "w") as f:
+        for _ in range(40):
+            words = rng.choice(synthetic.WORDS, size=int(rng.integers(60, 200)))
+            f.write(json.dumps({"text": " ".join(words)}) + "\n")
+    model_dir = str(tmp_path / "pretrain")
+    last = _run(
+        *_tiny(
+            model_dir,
+            suite,
+            "--gin.DataConfig.task='tagi_c4_pretrain'",
+            f"--gin.DataConfig.c4_files=['{path}']",
+        )
+    )
+    assert np.isfinite(last["loss"]) and last["accuracy"] >= 0
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]

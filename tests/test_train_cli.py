@@ -41,6 +41,15 @@ def test_tiny_run_trains_checkpoints_and_resumes(tmp_path, suite):
     more = _train(*flags[:-1], "--gin.TRAIN_STEPS=15")
     assert more.returncode == 0, more.stderr[-3000:]
     assert "resumed from" in more.stdout and "steps 10->15" in more.stdout
+    # the same MODEL_DIR with another model config is refused; its checkpoints stay as they were
+    before = sorted(os.listdir(os.path.join(model_dir, "checkpoints")))
+    with open(os.path.join(model_dir, "run.json")) as f:
+        run = f.read()
+    other = _train(*flags[:-1], "--gin.TRAIN_STEPS=20", "--gin.HyperConfig.rank=2")
+    assert other.returncode == 2 and "another model config" in other.stderr
+    assert sorted(os.listdir(os.path.join(model_dir, "checkpoints"))) == before
+    with open(os.path.join(model_dir, "run.json")) as f:
+        assert f.read() == run
 
 
 def test_bad_input_is_one_clear_error(tmp_path, suite):
@@ -52,6 +61,13 @@ def test_bad_input_is_one_clear_error(tmp_path, suite):
     assert missing.returncode != 0 and "nope.gin" in missing.stderr
     no_data = _train(f"--gin.MODEL_DIR='{tmp_path}'", f"--gin.DATA_DIR='{tmp_path / 'no_suite'}'")
     assert no_data.returncode == 2 and "no_suite" in no_data.stderr
+    no_base = _train(
+        f"--gin.MODEL_DIR='{tmp_path}'",
+        f"--gin.DATA_DIR='{suite}'",
+        f"--gin.train.base_checkpoint='{tmp_path / 'no_base'}'",
+    )
+    assert no_base.returncode == 2 and "base_checkpoint" in no_base.stderr
+    assert "no_base" in no_base.stderr
     odd = _train(
         f"--gin.MODEL_DIR='{tmp_path}'",
         f"--gin.DATA_DIR='{suite}'",
@@ -59,3 +75,24 @@ def test_bad_input_is_one_clear_error(tmp_path, suite):
         "--gin.train.mesh_shape=(2, 1)",
     )
     assert odd.returncode != 0
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, suite):
+    # lr 1e38 without clipping: step 1 is finite, its update overflows the weights, step 2 not
+    blow_up = ["--gin.OptimizerConfig.learning_rate=1e38", "--gin.OptimizerConfig.clip_norm=0.0"]
+    model_dir = tmp_path / "stop"
+    flags = [f"--gin.MODEL_DIR='{model_dir}'", f"--gin.DATA_DIR='{suite}'", "--gin.TRAIN_STEPS=5"]
+    stop = _train(*flags, "--gin.train.save_every=1", *blow_up)
+    assert stop.returncode == 2 and "non-finite loss at step 2" in stop.stderr, stop.stderr[-2000:]
+    assert os.listdir(model_dir / "checkpoints") == ["1"]  # the last good one, never a bad one
+    skip_dir = tmp_path / "skip"
+    skip = _train(
+        f"--gin.MODEL_DIR='{skip_dir}'",
+        f"--gin.DATA_DIR='{suite}'",
+        "--gin.TRAIN_STEPS=5",
+        "--gin.train.on_nonfinite='skip'",
+        *blow_up,
+    )
+    # every later batch is non-finite: skipping cannot help, and the run says so
+    assert skip.returncode == 2 and "batches in a row" in skip.stderr, skip.stderr[-2000:]
+    assert skip.stdout.count("skipped batch") == 20

@@ -136,9 +136,20 @@ def register_c4(
                 min_segment_length=min_segment_length,
             ),
             seqio.preprocessors.append_eos_after_trim,
+            _add_zero_ids,
         ],
         output_features=_features(vocabulary, ("hyper_inputs", "inputs", "targets")),
     )
+
+
+def _add_zero_ids(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """C4 has no tasks: ids 0, so its batches have the features every other task's have."""
+
+    def add(features):
+        zero = tf.constant(0, tf.int32)
+        return {**features, "task_id": zero, "category_id": zero}
+
+    return dataset.map(add, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 # --- everything --------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from tagi_jax.parallel import mesh as mesh_lib
 from tagi_jax.parallel import partitioning
 from tagi_jax.training import checkpointing, inputs, optim
 from tagi_jax.training import state as state_lib
+from tagi_jax.training.flops import train_step_flops
 from tagi_jax.training.inputs import (  # noqa: F401  (re-exported: the loop's public names)
     MODEL_FEATURES,
     DataConfig,
@@ -39,10 +40,12 @@ from tagi_jax.training.inputs import (  # noqa: F401  (re-exported: the loop's p
     register_data,
     train_batches,
 )
-from tagi_jax.training.progress import Progress, step_flops
+from tagi_jax.training.progress import Progress
 
 EXPORT_DIR = "export"  # <model_dir>/export/{t5,tagi}: the trained parameters (orbax)
 RUN_FILE = "run.json"  # <model_dir>/run.json: what `tagi_jax.export` needs to rebuild the model
+# on_nonfinite="skip" drops a bad batch; this many in a row means the state itself is bad.
+MAX_CONSECUTIVE_SKIPS = 20
 
 
 def _config_json(model: TagiConfig, loss: losses.LossConfig) -> str:
@@ -206,8 +209,7 @@ def train(
     inputs.check_paths(data)  # a missing data directory fails before any model work
     distributed_lib.initialize(distributed)
     main = distributed_lib.is_main_process()
-    if main:
-        _write_run_files(model_dir, model, data, paths, seed, batch_size, train_steps)
+    os.makedirs(model_dir, exist_ok=True)
     # --- mesh --------------------------------------------------------------------------
     mesh = mesh_lib.make_mesh(mesh_shape, mesh_axes)
     data_parallel = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
@@ -242,6 +244,8 @@ def train(
     state_shardings = state_lib.state_shardings(tx, abstract_trainable, train_shardings, scalar)
     init_state = functools.partial(state_lib.init_state, optimizer=tx, seed=seed)
     state = jax.jit(init_state, out_shardings=state_shardings)(train_params)
+    backbone_trains = any(k.startswith("t5/") for k in train_params)  # for the FLOPs count
+    del train_params  # the state holds them now
     # --- restore or start --------------------------------------------------------------
     ckpt = checkpointing.Checkpointer(model_dir, config_json=_config_json(model, loss), keep=keep)
     position = 0
@@ -251,6 +255,10 @@ def train(
         if main:
             print(f"resumed from {ckpt.directory}/{ckpt.latest_step()} (step {int(state.step)})")
     start = int(state.step)
+    # Only now, after a checkpoint of another config has been refused: never rewrite the run
+    # files of a model directory that belongs to another model.
+    if main:
+        _write_run_files(model_dir, model, data, paths, seed, batch_size, train_steps)
     if main:
         print(
             f"training {n_train:,} of {n_total:,} parameters on {jax.device_count()} device(s) "
@@ -282,6 +290,7 @@ def train(
         donate_argnums=(0,),
     )
     compiled = None
+    skipped = 0  # consecutive non-finite batches (on_nonfinite="skip")
     batches = train_batches(
         data, batch_size, seed, skip=position, with_teacher=teacher_fn is not None
     )
@@ -305,13 +314,22 @@ def train(
                     batch.update(teacher_adapters(numpy_batch))
                 if compiled is None:
                     compiled = step_jit.lower(state, frozen, batch).compile()
+                    flops = train_step_flops(
+                        model,
+                        batch_size,
+                        numpy_batch["encoder_input_tokens"].shape[1],
+                        numpy_batch["hyper_input_tokens"].shape[1],
+                        numpy_batch["decoder_target_tokens"].shape[1],
+                        backbone_trains=backbone_trains,
+                    )
+                    peak = peak_flops_per_device and peak_flops_per_device * jax.device_count()
                     progress = Progress(
                         model_dir,
                         train_steps,
                         start,
                         enabled=main,
-                        flops_per_step=step_flops(compiled),
-                        peak_flops_per_device=peak_flops_per_device,
+                        flops_per_step=flops,
+                        peak_flops=peak,
                     )
                 state, metrics = compiled(state, frozen, batch)
                 # Reading the metrics blocks on the step: queued CPU collectives deadlock.
@@ -322,10 +340,18 @@ def train(
                             f"non-finite loss at step {step + 1} (loss {values['loss']}); "
                             f"stopped, the last good checkpoint in {ckpt.directory} is kept"
                         )
+                    skipped += 1
+                    if skipped > MAX_CONSECUTIVE_SKIPS:
+                        raise FloatingPointError(
+                            f"{skipped} batches in a row gave a non-finite loss at step "
+                            f"{step + 1}: the model itself is broken, not one batch; the last "
+                            f"good checkpoint in {ckpt.directory} is kept"
+                        )
                     progress.message(
                         f"skipped batch {position}: non-finite loss at step {step + 1}"
                     )
                     continue
+                skipped = 0
                 step += 1
                 last = values
                 progress.count(

@@ -1,13 +1,11 @@
 """Training progress: a one-line bar on a terminal (plain log lines otherwise), JSONL metrics and
 TensorBoard event files in ``MODEL_DIR``, tokens per second and model FLOPs utilisation.
 
-MFU = (FLOPs of one train step on one device) x (steps per second) / (the device's peak FLOP/s).
-The FLOPs come from XLA's cost analysis of the compiled, partitioned step (per device), so they
-count what the step really computes: forward, the backward through the frozen base that the
-trainable parameters need, the optimizer update, and any rematerialisation (with
-``T5Config.remat_policy`` set, MFU therefore reads slightly high against the model-only
-6·N·tokens rule). The peak is a property of the hardware and comes from the mesh gin file
-(``train.peak_flops_per_device``); without it MFU is not reported.
+MFU = (model FLOPs of one step) x (steps per second) / (peak FLOP/s of all devices). The model
+FLOPs are counted from the architecture (``training.flops``: matmuls, attention included, the
+frozen backbone's backward costing activation gradients only); the peak per device is a
+property of the hardware and comes from the mesh gin file (``train.peak_flops_per_device``);
+without it MFU is not reported.
 """
 
 from __future__ import annotations
@@ -20,8 +18,9 @@ import time
 from tagi_jax.training import tensorboard
 
 
-def step_flops(compiled) -> float | None:
-    """FLOPs per device of a compiled step (XLA cost analysis), or None where unavailable."""
+def xla_step_flops(compiled) -> float | None:
+    """FLOPs per device of a compiled step by XLA's cost analysis, or None where unavailable.
+    Not used for MFU: on GPU it misses matmuls that run as library calls (see training.flops)."""
     try:
         analysis = compiled.cost_analysis()
     except Exception:  # noqa: BLE001  (some backends do not implement it: MFU is optional)
@@ -33,7 +32,10 @@ def step_flops(compiled) -> float | None:
 
 
 class Progress:
-    """Logs a window of steps at a time; only the main process writes (``enabled``)."""
+    """Logs a window of steps at a time; only the main process writes (``enabled``).
+
+    ``flops_per_step``: model FLOPs of one (global) step; ``peak_flops``: of all devices.
+    """
 
     def __init__(
         self,
@@ -43,12 +45,12 @@ class Progress:
         *,
         enabled: bool = True,
         flops_per_step: float | None = None,
-        peak_flops_per_device: float | None = None,
+        peak_flops: float | None = None,
     ):
         self.total, self.start_step = total, start
         self.enabled = enabled
         self.flops_per_step = flops_per_step
-        self.peak = peak_flops_per_device
+        self.peak = peak_flops  # all devices together
         self.start_time = time.time()
         self.tty = sys.stdout.isatty()
         self.metrics_path = os.path.join(model_dir, "metrics.jsonl")
