@@ -107,10 +107,18 @@ def main() -> None:
     batches = [
         inputs.to_global(_batch(rng, *lens), inputs.MODEL_FEATURES, mesh, rules) for _ in range(2)
     ]
+    # Said before compiling, so a run stopped by a time limit still shows what it was.
+    print(f"devices {jax.device_count()} ({jax.devices()[0].device_kind}), mesh {dict(mesh.shape)}")
+    print(
+        f"model {args.model} + {args.method}: {n_train:,} trainable of {n_total:,} parameters, "
+        f"{args.dtype}, {args.optimizer}",
+        flush=True,
+    )
     with partitioning.use_mesh(mesh, rules):
         start = time.perf_counter()
         compiled = step.lower(state, frozen, batches[0]).compile()
         compile_s = time.perf_counter() - start
+        print(f"compiled in {compile_s:.1f}s", flush=True)
         state, metrics = compiled(state, frozen, batches[0])
         float(metrics["loss"])
         times = []
@@ -132,16 +140,11 @@ def main() -> None:
     xla_flops = xla_step_flops(compiled)
     tokens = args.batch * (args.enc_len + args.dec_len)
     devices = jax.device_count()
-    print(f"devices {devices} ({jax.devices()[0].device_kind}), mesh {dict(mesh.shape)}")
-    print(
-        f"model {args.model} + {args.method}: {n_train:,} trainable of {n_total:,} parameters, "
-        f"{args.dtype}, {args.optimizer}"
-    )
     print(
         f"batch {args.batch}, lengths enc {args.enc_len} / hyper {args.hyper_len} / "
         f"dec {args.dec_len}; loss {float(metrics['loss']):.3f}"
     )
-    print(f"compile {compile_s:.1f}s, step {1000 * step_s:.1f} ms (median of {args.steps})")
+    print(f"step {1000 * step_s:.1f} ms (median of {args.steps})")
     print(f"tokens/s (encoder + decoder) {tokens / step_s:,.0f}")
     achieved = model_flops / step_s / devices
     print(f"model FLOPs per step {model_flops:.3e} -> {achieved / 1e12:.1f} TFLOP/s per device")

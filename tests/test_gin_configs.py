@@ -175,8 +175,21 @@ def test_tensorflow_stays_inside_the_data_package():
         "import sys\n"
         "import tagi_jax.configurables, tagi_jax.models.tagi, tagi_jax.distill.losses\n"
         "import tagi_jax.distill.lora_teachers, tagi_jax.distill.teacher, tagi_jax.convert.hf_t5\n"
+        "import tagi_jax.train, tagi_jax.export, tagi_jax.evaluate, tagi_jax.training.loop\n"
+        "tagi_jax.train.register_configurables()\n"
         "print(sorted(m for m in ('tensorflow', 'seqio') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+    # nor anywhere else, even inside a function: only tagi_jax/data/ names them
+    package = os.path.join(os.path.dirname(__file__), "..", "tagi_jax")
+    for path in glob.glob(os.path.join(package, "**", "*.py"), recursive=True):
+        if os.sep + "data" + os.sep in os.path.relpath(path, os.path.dirname(package)):
+            continue
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                words = line.split()
+                if words[:1] in (["import"], ["from"]) and len(words) > 1:
+                    module = words[1].split(".")[0]
+                    assert module not in ("tensorflow", "seqio"), f"{path}:{number}: {line}"

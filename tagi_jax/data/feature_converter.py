@@ -102,6 +102,32 @@ class TagiFeatureConverter(seqio.FeatureConverter):
         return lengths | {k: 1 for k in self._ids}
 
 
+def training_batches(
+    task: str,
+    feature_lengths: Mapping[str, int],
+    batch_size: int,
+    *,
+    seed: int,
+    with_teacher: bool,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Endless numpy batches of ``task``'s (a registered Task or Mixture) ``train`` split,
+    shuffled in a ``seed``-fixed order. ``with_teacher`` keeps ``teacher_input_tokens``."""
+    conv = TagiFeatureConverter(with_teacher=with_teacher)
+    lengths = dict(feature_lengths)
+    if not with_teacher:
+        lengths.pop("teacher_inputs", None)
+    ds = seqio.get_dataset(
+        task,
+        task_feature_lengths=conv.task_feature_lengths(lengths),
+        dataset_split="train",
+        shuffle=True,
+        seed=seed,
+        num_epochs=None,
+        feature_converter=conv,
+    )
+    return numpy_batches(ds, batch_size)
+
+
 def numpy_batches(dataset: tf.data.Dataset, batch_size: int, *, drop_remainder: bool = True):
     """Batches of numpy arrays from a converted dataset (this host's share)."""
     return dataset.batch(batch_size, drop_remainder=drop_remainder).as_numpy_iterator()

@@ -115,26 +115,17 @@ def train_batches(
     ``with_teacher`` keeps the teacher's input stream (``teacher_input_tokens``) for the KL
     terms; without it that stream is not built at all.
     """
-    import seqio
-
     from tagi_jax.data import feature_converter
 
     vocabulary = make_vocabulary(data)
     register_data(data, vocabulary)
-    conv = feature_converter.TagiFeatureConverter(with_teacher=with_teacher)
-    lengths = dict(data.feature_lengths)
-    if not with_teacher:
-        lengths.pop("teacher_inputs", None)
-    ds = seqio.get_dataset(
+    batches = feature_converter.training_batches(
         data.task,
-        task_feature_lengths=conv.task_feature_lengths(lengths),
-        dataset_split="train",
-        shuffle=True,
+        dict(data.feature_lengths),
+        batch_size,
         seed=seed,
-        num_epochs=None,
-        feature_converter=conv,
+        with_teacher=with_teacher,
     )
-    batches = feature_converter.numpy_batches(ds, batch_size)
     for _ in range(skip):
         next(batches)
     yield from batches
