@@ -59,9 +59,35 @@ def register_configurables() -> None:
     import tagi_jax.training.teacher_stage  # noqa: F401
 
 
+def _tolerate_namespace_packages() -> None:
+    """gin looks up an include like ``models/x.gin`` also as a resource of a Python package
+    ``models``; a plain ``models/`` or ``runs/`` directory in the working directory is such a
+    package without a file, and gin's lookup crashes with a TypeError instead of moving on to
+    the search paths. Treat that as "not there"."""
+    readers = getattr(gin.config, "_FILE_READERS", None)
+    if readers is None:
+        return
+
+    def tolerant(check):
+        if getattr(check, "_tagi_tolerant", False):
+            return check
+
+        def exists(path):
+            try:
+                return check(path)
+            except TypeError:
+                return False
+
+        exists._tagi_tolerant = True
+        return exists
+
+    readers[:] = [(reader, tolerant(check)) for reader, check in readers]
+
+
 def parse_gin(args: argparse.Namespace) -> None:
     """Parses files and bindings; any gin error becomes one message naming the culprit."""
     register_configurables()
+    _tolerate_namespace_packages()
     search = [*args.gin_search_paths, GIN_ROOT]
     for path in search:
         gin.add_config_file_search_path(path)

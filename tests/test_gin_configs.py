@@ -193,3 +193,16 @@ def test_tensorflow_stays_inside_the_data_package():
                 if words[:1] in (["import"], ["from"]) and len(words) > 1:
                     module = words[1].split(".")[0]
                     assert module not in ("tensorflow", "seqio"), f"{path}:{number}: {line}"
+
+
+def test_includes_resolve_beside_same_named_directories(tmp_path, monkeypatch):
+    """A `models/` or `runs/` directory in the working directory (run outputs, say) is a
+    namespace package to Python; gin's package lookup used to crash on it."""
+    from tagi_jax import train
+
+    for name in ("models", "runs"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.gin").write_text("include 'models/t5_suite.gin'\n")
+    train.parse_gin(train.parse_flags(["--gin_file=mine.gin"]))
+    assert configurables.t5_config().d_model == 128

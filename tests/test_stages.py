@@ -174,3 +174,26 @@ def test_hyper_pretraining_on_local_c4(tmp_path, suite):
     assert np.isfinite(last["loss"]) and last["accuracy"] >= 0
     with open(os.path.join(model_dir, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2]
+
+
+def test_finetune_on_super_natural_instructions(
+    tmp_path, suite, shared_data_dir, sentencepiece_dir
+):
+    """The finetune stage's data path on the real SNI task files (../shared/data/sni) with a
+    SentencePiece vocabulary (trained on the fly, T5's id layout, 512 pieces)."""
+    sni = os.path.join(shared_data_dir, "sni")
+    model_dir = str(tmp_path / "sni")
+    last = _run(
+        *_tiny(
+            model_dir,
+            suite,
+            "--gin.DataConfig.task='tagi_sni_def_pos2'",
+            f"--gin.DataConfig.sni_dir='{sni}'",
+            f"--gin.DataConfig.vocabulary='{sentencepiece_dir}'",
+            "--gin.T5Config.vocab_size=512",
+        )
+    )
+    assert np.isfinite(last["loss"]) and last["loss"] > 0
+    with open(os.path.join(model_dir, "run.json")) as f:
+        run = json.load(f)
+    assert run["data"]["sni_dir"] == sni and run["model"]["t5"]["vocab_size"] == 512

@@ -10,8 +10,9 @@ It runs the same pieces a user runs at scale, in one process:
 3. ``runs/suite_tagi.gin``: TAGI on that frozen base; the hypernetwork reads each task's
    Definition and generates LoRA adapters;
 4. ``python -m tagi_jax.export``: the self-contained inference checkpoint;
-5. ``python -m tagi_jax.evaluate``: greedy decoding on the held-out tasks, ROUGE-L and exact
-   match for (a) the base model with no adapters and (b) TAGI, adapters generated once per task.
+5. ``python -m tagi_jax.evaluate`` with ``runs/evaluate_suite_main_job.gin``: greedy decoding on
+   the held-out tasks, ROUGE-L and exact match for (a) the base model with no adapters and
+   (b) TAGI, adapters generated once per task.
 
 Run: ``python -m tagi_jax.demos.main_job [--workdir runs/main_job] [--fresh]``; a second run
 resumes finished stages from their checkpoints. ``--base_steps`` / ``--tagi_steps`` change the
@@ -26,8 +27,6 @@ import shutil
 import time
 
 import gin
-
-LENGTHS = {"input_length": 96, "instruction_length": 128, "max_decode_len": 40}
 
 
 def _stage(gin_file: str, bindings: dict[str, object]) -> None:
@@ -44,6 +43,20 @@ def _stage(gin_file: str, bindings: dict[str, object]) -> None:
         gin.clear_config()
 
 
+def _evaluate(gin_file: str, bindings: dict[str, object]) -> dict:
+    """``python -m tagi_jax.evaluate``, in this process."""
+    from tagi_jax import train as train_cli
+    from tagi_jax.evaluation import pipeline
+
+    flags = [f"--gin_file={gin_file}", *(f"--gin.{k}={v!r}" for k, v in bindings.items())]
+    gin.clear_config()
+    try:
+        train_cli.parse_gin(train_cli.parse_flags(flags))
+        return pipeline.evaluate()
+    finally:
+        gin.clear_config()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tagi_jax.demos.main_job", description=__doc__)
     parser.add_argument("--workdir", default=os.path.join("runs", "main_job"))
@@ -53,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from tagi_jax import export
     from tagi_jax.data import synthetic
-    from tagi_jax.evaluation import pipeline
 
     start = time.time()
     workdir = os.path.abspath(args.workdir)
@@ -83,15 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     export_dir = export.export_run(tagi_dir, os.path.join(workdir, "export"), overwrite=True)
     print("== 4/4 evaluating on the held-out tasks (a: base, no adapters; b: TAGI)", flush=True)
     eval_dir = os.path.join(workdir, "eval")
-    report = pipeline.evaluate(
-        export_dir=export_dir,
-        output_dir=eval_dir,
-        task_dir=suite_dir,
-        student_input="input_only",
-        num_pos_examples=0,
-        vocabulary="byte",
-        compare_base=True,
-        **LENGTHS,
+    report = _evaluate(
+        "runs/evaluate_suite_main_job.gin",
+        {"EXPORT_DIR": export_dir, "DATA_DIR": suite_dir, "OUTPUT_DIR": eval_dir},
     )
     b, s = report["base"]["overall"], report["overall"]
     print()
