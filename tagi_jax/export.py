@@ -45,15 +45,16 @@ import numpy as np
 
 from tagi_jax.models import tagi, trainable
 from tagi_jax.models.tagi_config import TagiConfig
-from tagi_jax.models.trainable import path_string
+from tagi_jax.training import loop
+from tagi_jax.training import state as state_lib
+from tagi_jax.training.checkpointing import CHECKPOINTS_DIR
+from tagi_jax.training.loop import RUN_FILE
 
 CONFIG_FILE = "tagi_config.json"
 PARAMS_DIR = "params"
 BASE_FILE = "base.json"
 BASE_DIR = "t5"
 INFO_FILE = "export.json"
-RUN_FILE = "run.json"  # written by tagi_jax.training.loop (loop.RUN_FILE)
-CHECKPOINTS_DIR = "checkpoints"  # <model_dir>/checkpoints (training.checkpointing.Checkpointer)
 
 Flat = dict[str, Any]
 
@@ -63,16 +64,6 @@ class ExportError(ValueError):
 
 
 # --- small helpers -----------------------------------------------------------------------------
-
-
-def _flatten(tree) -> Flat:
-    return {path_string(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _unflatten(like, flat: Flat):
-    """``like``'s structure with its leaves taken from ``flat`` by path."""
-    paths = [path_string(k) for k, _ in jax.tree_util.tree_flatten_with_path(like)[0]]
-    return jax.tree.unflatten(jax.tree.structure(like), [flat[p] for p in paths])
 
 
 def fingerprint(flat: Flat) -> str:
@@ -179,8 +170,8 @@ def restore_trainable(model_dir: str, model: TagiConfig, step: int | None = None
             metadata = manager.item_metadata(step)["state"]
         if metadata is None or "trainable" not in metadata:
             raise ExportError(f"{manager.directory}/{step}/state holds no trainable partition")
-        abstract = _flatten(tagi.abstract_params(model))
-        mask = _flatten(trainable.trainable_mask(model, tagi.abstract_params(model)))
+        abstract = trainable.flatten(tagi.abstract_params(model))
+        mask = trainable.flatten(trainable.trainable_mask(model, tagi.abstract_params(model)))
         expected = {p for p, t in mask.items() if t}
         saved = set(metadata["trainable"])
         if saved != expected:
@@ -213,8 +204,6 @@ def restore_trainable(model_dir: str, model: TagiConfig, step: int | None = None
 
 def load_base(path: str):
     """``(T5Config, t5_params)`` of a base checkpoint, as the training loop reads it."""
-    from tagi_jax.training import loop
-
     if not os.path.isdir(path):
         raise FileNotFoundError(f"base checkpoint does not exist: {path}")
     return loop.load_base(path)
@@ -234,7 +223,6 @@ def _initial_params(model: TagiConfig, seed: int, trained: Flat, base_checkpoint
     """
     from tagi_jax.parallel import mesh as mesh_lib
     from tagi_jax.parallel import partitioning
-    from tagi_jax.training import loop
 
     source = init_from or base_checkpoint
     base = None
@@ -242,8 +230,10 @@ def _initial_params(model: TagiConfig, seed: int, trained: Flat, base_checkpoint
         _, base = load_base(source)
         what = "the initial student's backbone" if init_from else "the base"
         print(f"loaded {what} from {source}")
-    base_flat = {f"t5/{p}": v for p, v in _flatten(base).items()} if base is not None else {}
-    frozen = set(_flatten(tagi.abstract_params(model))) - set(trained)
+    base_flat = (
+        {f"t5/{p}": v for p, v in trainable.flatten(base).items()} if base is not None else {}
+    )
+    frozen = set(trainable.flatten(tagi.abstract_params(model))) - set(trained)
     if frozen <= set(base_flat):
         # (an init_from run's export/t5 is its exported student's backbone, bit for bit)
         return base_flat, set(base_flat)
@@ -252,7 +242,7 @@ def _initial_params(model: TagiConfig, seed: int, trained: Flat, base_checkpoint
     params, _ = loop.sharded_params(model, mesh, partitioning.DEFAULT_RULES, seed, graft, init_from)
     reason = "the initial student" if init_from else f"seed {seed}'s initialisation"
     print(f"rebuilt {len(frozen - set(base_flat))} frozen tensors from {reason}")
-    return _flatten(params), set(base_flat)
+    return trainable.flatten(params), set(base_flat)
 
 
 # --- export ------------------------------------------------------------------------------------
@@ -319,7 +309,7 @@ def export_run(
     else:
         from tagi_jax.convert import param_checkpoint
 
-        full = _unflatten(tagi.abstract_params(model), merged)
+        full = state_lib.merge(merged, {}, jax.tree.structure(tagi.abstract_params(model)))
         param_checkpoint.save(os.path.join(tmp, BASE_DIR), model.t5, full["t5"])
         base_info = {"path": BASE_DIR, "kind": "included"}
     _write_json(os.path.join(tmp, BASE_FILE), base_info)
@@ -403,7 +393,7 @@ def load_export(path: str, *, verify_base: bool = True) -> tuple[TagiConfig, Any
 
     path = os.path.abspath(path)
     model = read_config(path)
-    abstract = _flatten(tagi.abstract_params(model))
+    abstract = trainable.flatten(tagi.abstract_params(model))
     kind, location, info = _base_info(path)
     if not os.path.isdir(location):
         raise FileNotFoundError(
@@ -411,7 +401,7 @@ def load_export(path: str, *, verify_base: bool = True) -> tuple[TagiConfig, Any
             f"{location}"
         )
     _, base = load_base(location)
-    base_flat = {f"t5/{p}": v for p, v in _flatten(base).items()}
+    base_flat = {f"t5/{p}": v for p, v in trainable.flatten(base).items()}
     extra = sorted(set(base_flat) - {p for p in abstract if p.startswith("t5/")})
     if extra:
         raise ExportError(
@@ -444,7 +434,8 @@ def load_export(path: str, *, verify_base: bool = True) -> tuple[TagiConfig, Any
         raise ExportError(
             f"neither the base {location} nor {params_path} holds: {_listing(missing)}"
         )
-    return model, _unflatten(tagi.abstract_params(model), {**base_flat, **saved})
+    structure = jax.tree.structure(tagi.abstract_params(model))
+    return model, state_lib.merge({**base_flat, **saved}, {}, structure)
 
 
 def _check_shapes(where: str, shapes: dict[str, tuple], abstract: Flat, what: str) -> None:

@@ -15,6 +15,7 @@ ends with one ``error:`` line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -103,6 +104,18 @@ def parse_gin(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: bad gin configuration: {e}") from e
     finally:
         root.setLevel(level)
+
+
+@contextlib.contextmanager
+def configured(flags: list[str]):
+    """Runs the body under the gin configuration these CLI ``flags`` give, as the CLI parses
+    them (stages run in-process: the main job, tests); gin is cleared before and after."""
+    gin.clear_config()
+    try:
+        parse_gin(parse_flags(list(flags)))
+        yield
+    finally:
+        gin.clear_config()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,12 +132,14 @@ def test_c4_bad_files(tmp_path):
         list(c4.read_documents([str(bad)]))
 
 
-def test_global_batches_shard_the_batch_axis():
+def test_to_global_shards_the_batch_axis():
+    from tagi_jax.training import inputs
+
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices")
     mesh = mesh_lib.make_mesh((4, 2))
     batch = {"encoder_input_tokens": np.arange(8 * 6).reshape(8, 6), "task_id": np.arange(8)}
-    out = next(feature_converter.global_batches([batch], mesh))
+    out = inputs.to_global(batch, ("encoder_input_tokens", "task_id"), mesh)
     assert out["encoder_input_tokens"].shape == (8, 6)
     assert out["encoder_input_tokens"].addressable_shards[0].data.shape == (2, 6)
     np.testing.assert_array_equal(np.asarray(out["task_id"]), np.arange(8))

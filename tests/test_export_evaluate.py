@@ -122,7 +122,7 @@ def test_export_with_base_reference(run, suite, tmp_path):
         info = json.load(f)
     assert info["path"] == os.path.abspath(base) and info["kind"] == "reference"
     assert info["fingerprint"] == export.fingerprint(
-        {f"t5/{p}": v for p, v in export._flatten(loop.load_base(base)[1]).items()}
+        {f"t5/{p}": v for p, v in trainable.flatten(loop.load_base(base)[1]).items()}
     )
     assert not os.path.exists(os.path.join(out, "t5"))
     model, params = export.load_export(out)

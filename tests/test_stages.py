@@ -6,7 +6,6 @@ pretrain -> finetune hand-off (``train.init_from``)."""
 import json
 import os
 
-import gin
 import numpy as np
 import pytest
 
@@ -28,12 +27,8 @@ def suite(tmp_path_factory):
 
 
 def _run(*flags):
-    gin.clear_config()
-    try:
-        train_cli.parse_gin(train_cli.parse_flags(list(flags)))
+    with train_cli.configured(list(flags)):
         return stages.run()
-    finally:
-        gin.clear_config()
 
 
 def _tiny(model_dir, suite, *extra):

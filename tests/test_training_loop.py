@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import gin
 import jax
 import numpy as np
 import pytest
@@ -53,12 +52,8 @@ def _in_process(flags):
     """The CLI's own parsing and loop, in this process (8 fake devices)."""
     if not any("mesh_shape" in f for f in flags):
         flags = [*flags, "--gin.train.mesh_shape=(-1, 1)"]
-    gin.clear_config()
-    try:
-        train_cli.parse_gin(train_cli.parse_flags(flags))
+    with train_cli.configured(flags):
         return loop.train()
-    finally:
-        gin.clear_config()
 
 
 def _losses(model_dir):
@@ -129,13 +124,9 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, suite):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     _in_process(_flags(straight, suite, "--gin.TRAIN_STEPS=6", "--gin.train.save_every=3"))
     # "kill" after 3 steps: stop_after ends the run with only the step-3 checkpoint written
-    gin.clear_config()
     flags = _flags(killed, suite, "--gin.TRAIN_STEPS=6", "--gin.train.save_every=3")
-    train_cli.parse_gin(train_cli.parse_flags([*flags, "--gin.train.mesh_shape=(-1, 1)"]))
-    try:
+    with train_cli.configured([*flags, "--gin.train.mesh_shape=(-1, 1)"]):
         loop.train(stop_after=3)
-    finally:
-        gin.clear_config()
     assert sorted(os.listdir(os.path.join(killed, "checkpoints"))) == ["3"]
     assert not os.path.exists(os.path.join(killed, "export"))
     _in_process(_flags(killed, suite, "--gin.TRAIN_STEPS=6", "--gin.train.save_every=3"))

@@ -9,15 +9,14 @@ so examples cannot share a row) maps::
   targets         -> decoder_target_tokens, decoder_input_tokens (shifted), decoder_loss_weights
   task_id, category_id (scalars) -> passed through
 
-Every sequence is trimmed/padded to its length: static shapes. ``global_batches`` turns each
-host's numpy batches into global arrays sharded over the mesh's batch axis.
+Every sequence is trimmed/padded to its length: static shapes. ``training_batches`` gives a
+task's endless numpy batches; ``tagi_jax.training.inputs`` places them on the mesh.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
-import jax
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -131,16 +130,3 @@ def training_batches(
 def numpy_batches(dataset: tf.data.Dataset, batch_size: int, *, drop_remainder: bool = True):
     """Batches of numpy arrays from a converted dataset (this host's share)."""
     return dataset.batch(batch_size, drop_remainder=drop_remainder).as_numpy_iterator()
-
-
-def global_batches(
-    batches: Iterable[Mapping[str, np.ndarray]], mesh: jax.sharding.Mesh, batch_axis="data"
-) -> Iterator[dict[str, jax.Array]]:
-    """Each host's numpy batch → one global array per feature with its leading (batch) axis
-    split over ``batch_axis``; the global batch is the hosts' batches stacked."""
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axis))
-    for batch in batches:
-        yield {
-            k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in batch.items()
-        }

@@ -30,3 +30,11 @@ def get_vocabulary(kind: str = "sentencepiece", path: str | None = None, extra_i
     if not os.path.isfile(model):
         raise FileNotFoundError(f"SentencePiece model not found: {model}")
     return seqio.SentencePieceVocabulary(model, extra_ids=extra_ids)
+
+
+def from_name(name: str):
+    """What gin's ``vocabulary`` settings name: ``"byte"``, or a SentencePiece path (a
+    checkpoint directory or a ``spiece.model``)."""
+    if name == "byte":
+        return get_vocabulary("byte")
+    return get_vocabulary("sentencepiece", name)

@@ -26,35 +26,27 @@ import os
 import shutil
 import time
 
-import gin
+from tagi_jax import train as train_cli
+
+
+def _flags(gin_file: str, bindings: dict[str, object]) -> list[str]:
+    return [f"--gin_file={gin_file}", *(f"--gin.{k}={v!r}" for k, v in bindings.items())]
 
 
 def _stage(gin_file: str, bindings: dict[str, object]) -> None:
     """One ``python -m tagi_jax.train`` run, in this process."""
-    from tagi_jax import train as train_cli
     from tagi_jax.training import stages
 
-    flags = [f"--gin_file={gin_file}", *(f"--gin.{k}={v!r}" for k, v in bindings.items())]
-    gin.clear_config()
-    try:
-        train_cli.parse_gin(train_cli.parse_flags(flags))
+    with train_cli.configured(_flags(gin_file, bindings)):
         stages.run()
-    finally:
-        gin.clear_config()
 
 
 def _evaluate(gin_file: str, bindings: dict[str, object]) -> dict:
     """``python -m tagi_jax.evaluate``, in this process."""
-    from tagi_jax import train as train_cli
     from tagi_jax.evaluation import pipeline
 
-    flags = [f"--gin_file={gin_file}", *(f"--gin.{k}={v!r}" for k, v in bindings.items())]
-    gin.clear_config()
-    try:
-        train_cli.parse_gin(train_cli.parse_flags(flags))
+    with train_cli.configured(_flags(gin_file, bindings)):
         return pipeline.evaluate()
-    finally:
-        gin.clear_config()
 
 
 def main(argv: list[str] | None = None) -> int:

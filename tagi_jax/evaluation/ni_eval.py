@@ -19,7 +19,7 @@ from tagi_jax.models import lora, t5, tagi
 from tagi_jax.models.tagi_config import TagiConfig
 
 
-def _tokens(vocabulary, texts: Sequence[str], length: int) -> np.ndarray:
+def encode_padded(vocabulary, texts: Sequence[str], length: int) -> np.ndarray:
     """EOS-terminated ids, trimmed (EOS kept last) and padded to ``length``."""
     out = np.zeros((len(texts), length), np.int32)
     for row, text in enumerate(texts):
@@ -56,7 +56,7 @@ def evaluate(
     result_slots: dict[int, str] = {}
     for _, indices in by_task:
         indices = list(indices)
-        instruction = _tokens(
+        instruction = encode_padded(
             vocabulary, [examples[indices[0]]["hyper_inputs"]], instruction_length
         )
         adapters = None
@@ -67,7 +67,7 @@ def evaluate(
             # pad every batch to batch_size rows: one compilation for the whole evaluation
             rows = chunk + [chunk[-1]] * (batch_size - len(chunk))
             enc = jnp.asarray(
-                _tokens(vocabulary, [examples[i]["inputs"] for i in rows], input_length)
+                encode_padded(vocabulary, [examples[i]["inputs"] for i in rows], input_length)
             )
             if use_adapters:
                 hyper = jnp.asarray(np.repeat(instruction, batch_size, axis=0))

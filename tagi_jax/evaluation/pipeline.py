@@ -26,15 +26,6 @@ import time
 import gin
 
 
-def _vocabulary(name: str):
-    # As loop.make_vocabulary: "byte" or a SentencePiece path (a checkpoint dir or spiece.model).
-    from tagi_jax.data import vocab
-
-    if name == "byte":
-        return vocab.get_vocabulary("byte")
-    return vocab.get_vocabulary("sentencepiece", name)
-
-
 def _summary(results: dict) -> dict:
     return {k: results[k] for k in ("overall", "per_category", "per_task")}
 
@@ -130,6 +121,7 @@ def evaluate(
     """
     from tagi_jax import export
     from tagi_jax.data import ni
+    from tagi_jax.data import vocab as vocab_lib
     from tagi_jax.evaluation import ni_eval
 
     start = time.time()
@@ -153,7 +145,7 @@ def evaluate(
     examples = list(ni.iter_examples(task_dir, split, ni.NIConfig(**fields)))
 
     model, params = export.load_export(export_dir)
-    vocab = _vocabulary(vocabulary)
+    vocab = vocab_lib.from_name(vocabulary)
     if vocab.vocab_size > model.t5.vocab_size:
         raise ValueError(
             f"vocabulary {vocabulary!r} has {vocab.vocab_size} ids, the exported model "

@@ -29,6 +29,11 @@ def path_string(keypath) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in keypath)
 
 
+def flatten(tree) -> dict:
+    """``{"/"-joined path: leaf}`` of a parameter tree (``training.state.merge`` inverts it)."""
+    return {path_string(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def preset_patterns(config: TagiConfig) -> tuple[str, ...]:
     patterns = [r"^hypernet/", r"^t5/.*/(pre_)?instruction_attention"]
     if config.hyper.train_instruction_encoder:

@@ -23,6 +23,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+CHECKPOINTS_DIR = "checkpoints"  # <model_dir>/checkpoints/<step>/{state,meta}
+
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint written for another model configuration."""
@@ -36,7 +38,7 @@ class Checkpointer:
     """A thin wrapper over ``ocp.CheckpointManager`` (one place to change for orbax v1)."""
 
     def __init__(self, model_dir: str, *, config_json: str, keep: int = 3):
-        self.directory = os.path.join(os.path.abspath(model_dir), "checkpoints")
+        self.directory = os.path.join(os.path.abspath(model_dir), CHECKPOINTS_DIR)
         self.fingerprint = fingerprint(config_json)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(keep),

@@ -67,9 +67,7 @@ class DataConfig:
 def make_vocabulary(data: DataConfig):
     from tagi_jax.data import vocab
 
-    if data.vocabulary == "byte":
-        return vocab.get_vocabulary("byte")
-    return vocab.get_vocabulary("sentencepiece", data.vocabulary)
+    return vocab.from_name(data.vocabulary)
 
 
 def _ni_config(data: DataConfig):
@@ -157,18 +155,21 @@ def batch_sharding(mesh, ndim: int, rules=partitioning.DEFAULT_RULES):
     return partitioning.named_sharding(mesh, ("batch",) + (None,) * (ndim - 1), rules)
 
 
+def place(value, sharding) -> jax.Array:
+    """A global array from the whole (host-side) ``value``: each process copies only the
+    slices its own devices hold."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def to_global(
     numpy_batch: Mapping[str, np.ndarray],
     keys: Sequence[str],
     mesh,
     rules=partitioning.DEFAULT_RULES,
 ) -> dict[str, jax.Array]:
-    """Global arrays of ``keys``: each process copies only its devices' rows to them."""
-    out = {}
-    for key in keys:
-        value = np.asarray(numpy_batch[key])
-        sharding = batch_sharding(mesh, value.ndim, rules)
-        out[key] = jax.make_array_from_callback(
-            value.shape, sharding, lambda index, v=value: v[index]
-        )
-    return out
+    """Global arrays of ``keys``, rows over the data-parallel axes."""
+    return {
+        key: place(numpy_batch[key], batch_sharding(mesh, np.ndim(numpy_batch[key]), rules))
+        for key in keys
+    }

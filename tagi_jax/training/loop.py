@@ -144,9 +144,7 @@ class _TeacherAdapters:
         adapters, keep = self.bank.adapters_for(list(self.names[ids]), skip_missing=True)
 
         def place(value, axes):
-            value = np.asarray(value)
-            sharding = partitioning.named_sharding(self.mesh, axes, self.rules)
-            return jax.make_array_from_callback(value.shape, sharding, lambda i: value[i])
+            return inputs.place(value, partitioning.named_sharding(self.mesh, axes, self.rules))
 
         a, b = {}, {}
         for name in adapters.a:
@@ -238,6 +236,7 @@ def train(
     del params
     optimizer = dataclasses.replace(optimizer, total_steps=max(train_steps, 1))
     tx = optim.make_optimizer(optimizer)
+    learning_rate = optim.schedule(optimizer)  # for the logs
     abstract_trainable = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), train_params
     )
@@ -359,7 +358,7 @@ def train(
                     + int((numpy_batch["encoder_input_tokens"] > 0).sum())
                 )
                 if step % log_every == 0 or step == train_steps:
-                    values["learning_rate"] = float(optim.schedule(optimizer)(step))
+                    values["learning_rate"] = float(learning_rate(step))
                     last = progress.log(step, values)
                 if step % save_every == 0 or guard.requested or step == train_steps:
                     ckpt.save(step, state, data_position=position)

@@ -25,7 +25,7 @@ import optax
 from tagi_jax.distill import losses
 from tagi_jax.models import lora, tagi
 from tagi_jax.models.tagi_config import TagiConfig
-from tagi_jax.models.trainable import path_string
+from tagi_jax.models.trainable import flatten, path_string
 
 Flat = dict[str, jax.Array]
 
@@ -34,9 +34,8 @@ def partition(params, mask) -> tuple[Flat, Flat]:
     """``(trainable, frozen)`` flat dicts keyed by ``/``-joined parameter paths."""
     trainable, frozen = {}, {}
     flags = jax.tree.leaves(mask)
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    for (keypath, leaf), is_trainable in zip(leaves, flags, strict=True):
-        (trainable if is_trainable else frozen)[path_string(keypath)] = leaf
+    for (path, leaf), is_trainable in zip(flatten(params).items(), flags, strict=True):
+        (trainable if is_trainable else frozen)[path] = leaf
     return trainable, frozen
 
 

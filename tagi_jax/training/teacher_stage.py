@@ -22,17 +22,10 @@ from tagi_jax.training import checkpointing, inputs
 BANK_FILE = "lora_teachers.safetensors"
 
 
-def _encode(vocabulary, text: str, length: int) -> np.ndarray:
-    """EOS-terminated ids, trimmed (EOS kept last) and zero-padded to ``length``."""
-    ids = list(vocabulary.encode(text))[: length - 1] + [1]
-    out = np.zeros(length, np.int32)
-    out[: len(ids)] = ids
-    return out
-
-
 def group_examples(data: inputs.DataConfig, group_by: str, vocabulary):
     """``{group name: (teacher input ids [n, L_in], target ids [n, L_out])}`` of the train split."""
     from tagi_jax.data import ni
+    from tagi_jax.evaluation.ni_eval import encode_padded
 
     directory = data.sni_dir or data.suite_dir
     if directory is None:
@@ -42,10 +35,15 @@ def group_examples(data: inputs.DataConfig, group_by: str, vocabulary):
     grouped = collections.defaultdict(lambda: ([], []))
     for example in ni.iter_examples(directory, "train", config):
         key = example["task_name"] if group_by == "task" else example["category"]
-        sources, targets = grouped[key]
-        sources.append(_encode(vocabulary, example["teacher_inputs"], lengths["teacher_inputs"]))
-        targets.append(_encode(vocabulary, example["targets"], lengths["targets"]))
-    return {k: (np.stack(s), np.stack(t)) for k, (s, t) in sorted(grouped.items())}
+        grouped[key][0].append(example["teacher_inputs"])
+        grouped[key][1].append(example["targets"])
+    return {
+        key: (
+            encode_padded(vocabulary, sources, lengths["teacher_inputs"]),
+            encode_padded(vocabulary, targets, lengths["targets"]),
+        )
+        for key, (sources, targets) in sorted(grouped.items())
+    }
 
 
 def group_batches(groups: dict, rows: int, seed: int):
