@@ -37,7 +37,7 @@ def main() -> None:
         lines = sentencepiece_model.sni_text(args.sni_dir)
         spm_path = args.spm or sentencepiece_model.train(lines, tmp, 8000)
         vocabulary = vocab.get_vocabulary("sentencepiece", spm_path, extra_ids=0)
-        config = ni.NIConfig(num_pos_examples=2, max_source_length=1024)
+        config = ni.NIConfig(max_source_length=1024)  # the task name picks Def + 2 Pos
         tasks.register_tasks(
             vocabulary=vocabulary, sni_dir=args.sni_dir, sni_config=config, prefix="bench"
         )

@@ -102,7 +102,7 @@ def main() -> None:
         donate_argnums=(0,),
     )
     rng = np.random.default_rng(0)
-    vocab = model.t5.vocab_size
+    vocab = model.t5.logits_width  # target ids the head can predict
     lens = (args.batch, args.enc_len, args.hyper_len, args.dec_len, vocab)
     batches = [
         inputs.to_global(_batch(rng, *lens), inputs.MODEL_FEATURES, mesh, rules) for _ in range(2)

@@ -83,7 +83,9 @@ def lora_teacher_config(**fields) -> LoraTeacherConfig:
 
 @gin.configurable("NIConfig")
 def ni_config(**fields) -> NIConfig:
-    """``NIConfig.<field> = value``: how natural-instructions splits become examples."""
+    """``NIConfig.<field> = value``: how natural-instructions splits become examples. A run's
+    one NIConfig: ``DataConfig.ni`` (training, the LoRA-teacher stage) and ``evaluate.ni``
+    default to what this returns, so a binding here always reaches the data."""
     _check_fields(NIConfig, fields)
     return NIConfig(**fields)
 

@@ -209,7 +209,14 @@ def load_base(path: str):
     return loop.load_base(path)
 
 
-def _initial_params(model: TagiConfig, seed: int, trained: Flat, base_checkpoint, init_from):
+def _initial_params(
+    model: TagiConfig,
+    seed: int,
+    trained: Flat,
+    base_checkpoint,
+    init_from,
+    instruction_encoder_checkpoint=None,
+):
     """``(initial, provided)``: the run's initial parameters as a flat dict (every leaf the
     checkpoint's trainable partition does not replace), and the ``t5/`` paths its backbone
     source provides.
@@ -239,7 +246,14 @@ def _initial_params(model: TagiConfig, seed: int, trained: Flat, base_checkpoint
         return base_flat, set(base_flat)
     mesh = mesh_lib.make_mesh((1, 1), ("data", "model"), devices=jax.devices()[:1])
     graft = None if init_from is not None else base
-    params, _ = loop.sharded_params(model, mesh, partitioning.DEFAULT_RULES, seed, graft, init_from)
+    encoder = None
+    if instruction_encoder_checkpoint is not None and init_from is None:
+        # the frozen separate instruction encoder the run loaded (the teacher's, by default)
+        encoder = loop.load_base(loop.teacher_path(instruction_encoder_checkpoint))[1]
+        print(f"loaded the instruction encoder from {instruction_encoder_checkpoint}")
+    params, _ = loop.sharded_params(
+        model, mesh, partitioning.DEFAULT_RULES, seed, graft, init_from, instruction_encoder=encoder
+    )
     reason = "the initial student" if init_from else f"seed {seed}'s initialisation"
     print(f"rebuilt {len(frozen - set(base_flat))} frozen tensors from {reason}")
     return trainable.flatten(params), set(base_flat)
@@ -276,7 +290,14 @@ def export_run(
         f"restored step {step}: {len(trained)} trainable tensors ({_nbytes(trained):.2f} MiB) "
         f"from {os.path.join(model_dir, CHECKPOINTS_DIR, str(step))}"
     )
-    initial, provided = _initial_params(model, seed, trained, run.get("base_checkpoint"), init_from)
+    initial, provided = _initial_params(
+        model,
+        seed,
+        trained,
+        run.get("base_checkpoint"),
+        init_from,
+        run.get("instruction_encoder_checkpoint"),
+    )
     trained_t5 = sorted(p for p in trained if p.startswith("t5/"))
     reference = base_path is not None and not trained_t5 and not include_base
 
@@ -284,7 +305,7 @@ def export_run(
         if path in trained:
             return True
         if not path.startswith("t5/"):
-            return True  # e.g. a frozen separate instruction encoder: seed-initialised
+            return True  # e.g. a frozen separate instruction encoder (the teacher's)
         # Frozen backbone leaves the base lacks came from the seed: only a reference loses them.
         return reference and path not in provided
 

@@ -1,5 +1,6 @@
 """SeqIO registration, the feature converter, C4 splitting and global batches."""
 
+import dataclasses
 import json
 import os
 
@@ -206,3 +207,211 @@ def test_builtin_suite_through_seqio(tmp_path):
     count = sum(1 for _ in ds.as_numpy_iterator())
     assert count == 2 * len(summary.test_tasks)
     assert {int(t) for t in batch["task_id"]} <= set(range(len(summary.test_tasks)))
+
+
+# --- Tk-Instruct's source budget through the SeqIO task ----------------------------------
+
+DEFINITION = "Answer the question about the story with one word"
+LONG_DEMOS = [
+    (
+        "The family went to the beach in the morning and the children built a large castle "
+        "of sand near the water while their parents read books. Where did the family go?",
+        "beach",
+    ),
+    (
+        "The old man walked his dog through the quiet park every evening after dinner, and "
+        "on the way home they stopped at the small shop for bread. What did they buy?",
+        "bread",
+    ),
+]
+QUESTION = "The girl ate an apple at school. What did she eat?"
+
+
+def _one_task_dir(root) -> tuple[str, dict]:
+    """A natural-instructions directory of one task with short inputs and long demonstrations;
+    returns it and the task."""
+    task = {
+        "Definition": [DEFINITION],
+        "Categories": ["Question Answering"],
+        "Positive Examples": [{"input": i, "output": o, "explanation": ""} for i, o in LONG_DEMOS],
+        "Negative Examples": [],
+        "Instances": [{"id": "q-0", "input": QUESTION, "output": ["apple"]}],
+    }
+    os.makedirs(os.path.join(root, "tasks"))
+    os.makedirs(os.path.join(root, "splits"))
+    with open(os.path.join(root, "tasks", "qa_story.json"), "w") as f:
+        json.dump(task, f)
+    for split in ("train", "test"):
+        with open(os.path.join(root, "splits", f"{split}_tasks.txt"), "w") as f:
+            f.write("qa_story\n")
+    return str(root), task
+
+
+def _first_example(vocabulary, data_dir, config, prefix, length):
+    """The first test example of ``{prefix}_sni_def_pos2``, with every source stream ``length``
+    tokens long: decoded ``teacher_inputs``, ``inputs``, ``hyper_inputs`` and the raw ids."""
+    tasks.register_tasks(vocabulary=vocabulary, sni_dir=data_dir, sni_config=config, prefix=prefix)
+    conv = feature_converter.TagiFeatureConverter()
+    lengths = conv.task_feature_lengths(
+        {"inputs": length, "hyper_inputs": length, "teacher_inputs": length, "targets": 16}
+    )
+    ds = seqio.get_dataset(
+        f"{prefix}_sni_def_pos2",
+        task_feature_lengths=lengths,
+        dataset_split="test",
+        shuffle=False,
+        feature_converter=conv,
+    )
+    row = next(ds.as_numpy_iterator())
+
+    def text(key):
+        return vocabulary.decode([int(t) for t in row[key] if t > 1])
+
+    return {
+        "teacher_inputs": text("teacher_input_tokens"),
+        "inputs": text("encoder_input_tokens"),
+        "hyper_inputs": text("hyper_input_tokens"),
+        "teacher_ids": [int(t) for t in row["teacher_input_tokens"] if t > 0],
+    }
+
+
+def test_budget_drops_demonstrations_not_the_input_through_seqio(tmp_path, sentencepiece_dir):
+    """Def + 2 Pos longer than max_source_length: the SeqIO task keeps the Definition and the
+    `Now complete the following example - Input: ... Output:` tail and loses the
+    demonstrations; with a budget it fits, both demonstrations stay."""
+    from tagi_jax.data import ni
+
+    spm = vocab.get_vocabulary("sentencepiece", sentencepiece_dir, extra_ids=0)
+    data_dir, task = _one_task_dir(tmp_path / "sni")
+    full = ni.format_instance(task, task["Instances"][0])  # Def + 2 Pos, no budget
+    bare = ni.format_instance(task, task["Instances"][0], num_pos_examples=0)
+
+    def count(text):
+        return len(spm.encode(text)) + 1  # EOS included, as the budget counts
+
+    def canonical(text):  # what the tokenizer makes of a text (whitespace normalised)
+        return spm.decode(spm.encode(text))
+
+    tail = "Now complete the following example -\nInput: " + QUESTION + "\nOutput: "
+    assert bare["teacher_inputs"].endswith(tail)
+    budget = count(bare["teacher_inputs"]) + 4  # room for Definition + input, not a demo
+    assert count(full["teacher_inputs"]) > budget + 20
+
+    dropped = _first_example(spm, data_dir, ni.NIConfig(max_source_length=budget), "bud", budget)
+    assert dropped["teacher_inputs"] == canonical(bare["teacher_inputs"])
+    assert dropped["teacher_inputs"].endswith(canonical(tail).strip())
+    assert "Positive Example" not in dropped["teacher_inputs"]
+    assert dropped["hyper_inputs"] == canonical(bare["hyper_inputs"])  # the Definition alone
+    assert dropped["inputs"] == canonical(bare["inputs"])
+    assert len(dropped["teacher_ids"]) <= budget and dropped["teacher_ids"][-1] == 1  # EOS
+    # Without the budget the same feature length trims the end: the input is what goes.
+    trimmed = _first_example(spm, data_dir, ni.NIConfig(), "nobud", budget)
+    assert "Positive Example 1" in trimmed["teacher_inputs"]
+    assert not trimmed["teacher_inputs"].endswith(canonical(tail).strip())
+
+    # With one demonstration kept, Tk-Instruct's check for the second (" ".join of one) is
+    # the whole Def + 2 Pos source: a budget of exactly its length keeps both.
+    roomy = count(full["teacher_inputs"])
+    kept = _first_example(spm, data_dir, ni.NIConfig(max_source_length=roomy), "fits", roomy)
+    assert kept["teacher_inputs"] == canonical(full["teacher_inputs"])
+    assert kept["hyper_inputs"] == canonical(full["hyper_inputs"])
+    assert canonical(" Positive Example 2 -").strip() in kept["teacher_inputs"]
+
+
+def test_a_source_over_budget_without_demonstrations_is_cut_through_seqio(tmp_path):
+    """Tk-Instruct cuts a source the demonstrations' removal did not save to the budget (token
+    ids, decoded back): the ids the model gets are the first budget - 1 of it and EOS, even
+    with a longer feature length."""
+    from tagi_jax.data import ni
+
+    data_dir, task = _one_task_dir(tmp_path / "sni")
+    bare = ni.format_instance(task, task["Instances"][0], num_pos_examples=0)
+    budget = 50
+    assert len(BYTES.encode(bare["teacher_inputs"])) + 1 > budget
+    config = ni.NIConfig(max_source_length=budget)
+    cut = _first_example(BYTES, data_dir, config, "cut", budget + 30)
+    assert cut["teacher_ids"] == list(BYTES.encode(bare["teacher_inputs"]))[: budget - 1] + [1]
+
+
+def test_an_niconfig_contradicting_the_task_variant_fails_when_read(tmp_path):
+    from tagi_jax.data import ni
+
+    data_dir, _ = _one_task_dir(tmp_path / "sni")
+    config = ni.NIConfig(num_pos_examples=0)
+    # Definition only agrees with the _def variant ...
+    tasks.register_tasks(vocabulary=BYTES, sni_dir=data_dir, sni_config=config, prefix="var")
+    task = seqio.get_mixture_or_task("var_sni_def")
+    example = next(task.get_dataset(None, split="test", shuffle=False).as_numpy_iterator())
+    assert b"Positive Example" not in example["teacher_inputs_pretokenized"]
+    # ... and contradicts _def_pos2: reading it is an error naming both, not an override.
+    with pytest.raises(ValueError, match="num_pos_examples=0 contradicts task 'var_sni_def_pos2'"):
+        seqio.get_mixture_or_task("var_sni_def_pos2").get_dataset(None, split="test")
+
+
+def test_one_gin_niconfig_reaches_training_the_teacher_stage_and_evaluation(tmp_path, monkeypatch):
+    """`NIConfig.<field>` in a run reaches the DataConfig the `train` and `lora_teachers` stages
+    receive (and through it their batches and teacher groups) and the config `evaluate`
+    formats with: one NIConfig, nothing rebuilt or dropped on the way."""
+    from tagi_jax import train as train_cli
+    from tagi_jax.data import ni, synthetic
+    from tagi_jax.evaluation import pipeline
+    from tagi_jax.training import inputs, stages, teacher_stage
+
+    suite = str(tmp_path / "suite")
+    synthetic.write_suite(suite, instances_per_train_task=4, instances_per_test_task=2)
+    budget = 250  # the suite's Def + 2 Pos sources are 217-355 bytes
+    bindings = [
+        f"--gin.NIConfig.max_source_length={budget}",
+        "--gin.NIConfig.max_train_instances_per_task=3",
+    ]
+    expected = ni.NIConfig(max_source_length=budget, max_train_instances_per_task=3)
+
+    class Reached(Exception):
+        pass
+
+    seen = {}
+
+    def capture(name, position=0):
+        def stop(*args, **kwargs):
+            seen[name] = args[position]
+            raise Reached(name)
+
+        return stop
+
+    def run(call, run_file, *flags):
+        flags = [f"--gin_file={run_file}", f"--gin.DATA_DIR='{suite}'", *bindings, *flags]
+        with train_cli.configured(flags), pytest.raises(Reached):
+            call()
+
+    monkeypatch.setattr(inputs, "check_paths", capture("data"))  # the stages' first data use
+    run(stages.run, "runs/tiny_cpu.gin", f"--gin.MODEL_DIR='{tmp_path / 'train'}'")
+    train_data = seen.pop("data")
+    run(
+        stages.run,
+        "runs/tiny_cpu_lora_teachers.gin",
+        f"--gin.MODEL_DIR='{tmp_path / 'teachers'}'",
+        f"--gin.BASE_CHECKPOINT='{tmp_path}'",
+    )
+    teacher_data = seen.pop("data")
+    monkeypatch.setattr(ni, "iter_examples", capture("evaluate", 2))  # (dir, split, config)
+    run(
+        pipeline.evaluate,
+        "runs/evaluate_suite.gin",
+        f"--gin.EXPORT_DIR='{tmp_path}'",
+        f"--gin.OUTPUT_DIR='{tmp_path / 'eval'}'",
+    )
+    monkeypatch.undo()
+    assert train_data.ni == teacher_data.ni == expected
+    assert seen["evaluate"] == expected
+
+    # ... and it is what their data is made with: Tk-Instruct's budget on every teacher source
+    # (the feature length, 320, would let longer ones through), 3 instances per task.
+    batch = next(inputs.train_batches(train_data, 16, seed=0, skip=0, with_teacher=True))
+    assert (batch["teacher_input_tokens"] > 0).sum(axis=1).max() <= budget
+    unbudgeted = dataclasses.replace(train_data, ni=ni.NIConfig())
+    batch = next(inputs.train_batches(unbudgeted, 16, seed=0, skip=0, with_teacher=True))
+    assert (batch["teacher_input_tokens"] > 0).sum(axis=1).max() > budget
+    groups = teacher_stage.group_examples(teacher_data, "task", BYTES)
+    for sources, targets in groups.values():
+        assert len(sources) == len(targets) == 3
+        assert (sources > 0).sum(axis=1).max() <= budget

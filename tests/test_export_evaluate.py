@@ -100,7 +100,7 @@ def test_export_layout_and_exact_parameters(run, exported):
     expected = state_lib.merge(state["trainable"], frozen, jax.tree.structure(init))
     _assert_trees_equal(params, expected)
     # ... and the loop's own end-of-run export, through the model's logits.
-    from_loop = loop.load_exported(run, model)
+    from_loop = _loop_export(run, model)
     _assert_trees_equal(params, from_loop)
     batch = _batch(model.t5.vocab_size)
     logits, _ = tagi.forward(model, params, batch)
@@ -109,6 +109,14 @@ def test_export_layout_and_exact_parameters(run, exported):
     # E/t5 is a base in its own right.
     _, t5_params = loop.load_base(os.path.join(exported, "t5"))
     _assert_trees_equal(t5_params, params["t5"])
+
+
+def _loop_export(model_dir, model):
+    """The whole student the training loop exported at the end of the run."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(model_dir, loop.EXPORT_DIR, "tagi", "params")
+    return ocp.StandardCheckpointer().restore(path, tagi.abstract_params(model))
 
 
 def test_export_with_base_reference(run, suite, tmp_path):
@@ -126,7 +134,7 @@ def test_export_with_base_reference(run, suite, tmp_path):
     )
     assert not os.path.exists(os.path.join(out, "t5"))
     model, params = export.load_export(out)
-    _assert_trees_equal(params, loop.load_exported(second, model))
+    _assert_trees_equal(params, _loop_export(second, model))
     _assert_trees_equal(params["t5"], loop.load_base(base)[1])
     # --include_base copies the backbone instead
     included = export.export_run(second, str(tmp_path / "inc"), include_base=True)
@@ -231,7 +239,7 @@ def test_evaluate_cli(exported, suite, tmp_path):
         f"--gin.EXPORT_DIR='{exported}'",
         f"--gin.DATA_DIR='{suite}'",
         f"--gin.OUTPUT_DIR='{out}'",
-        "--gin.evaluate.max_instances_per_task=2",
+        "--gin.NIConfig.eval_instances_per_task=2",
         "--gin.evaluate.compare_base=True",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -247,6 +255,9 @@ def test_evaluate_cli(exported, suite, tmp_path):
     ]
     assert [x["references"] for x in lines] == [e["references"] for e in examples]
     assert results["split"] == "test" and results["step"] == 4
+    # the run's one NIConfig (evaluate.ni: the gin-configured one) is what formatted the data
+    assert results["settings"]["ni"]["eval_instances_per_task"] == 2
+    assert results["settings"]["ni"]["num_pos_examples"] == 2  # unset: Def + 2 Pos
     with open(os.path.join(out, "results.md")) as f:
         table = f.read()
     assert "**overall**" in table and "no adapters" in table

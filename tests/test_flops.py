@@ -64,3 +64,18 @@ def test_train_step_count(backbone_trains):
     xla = _xla(step, state, frozen, batch)
     counted = flops.train_step_flops(model, B, L, H, T, backbone_trains=backbone_trains)
     assert counted == pytest.approx(xla, rel=0.05)
+
+
+def test_restricted_head_counts_its_width():
+    """With logits_vocab_size the head's matmul is that many columns wide, in XLA and here."""
+    narrow = CONFIG.replace(logits_vocab_size=200)
+    params = t5.init_params(narrow, jax.random.key(0))
+    enc, dec = jnp.ones((B, L), jnp.int32), jnp.ones((B, T), jnp.int32)
+    full = flops.decoder_flops(CONFIG, B * T, T, L, B * L)
+    counted = flops.decoder_flops(narrow, B * T, T, L, B * L)
+    assert full - counted == 2 * B * T * CONFIG.d_model * (512 - 200)
+    xla_full = _xla(functools.partial(t5.forward, CONFIG), params, enc, dec)
+    xla_narrow = _xla(functools.partial(t5.forward, narrow), params, enc, dec)
+    assert xla_full - xla_narrow == pytest.approx(full - counted, rel=0.03)
+    encoder = flops.encoder_flops(narrow, B * L, L)
+    assert encoder + counted == pytest.approx(xla_narrow, rel=0.03)

@@ -59,6 +59,7 @@ def _resolve_everything_bound():
         "LossConfig": configurables.loss_config,
         "OptimizerConfig": configurables.optimizer_config,
         "LoraTeacherConfig": configurables.lora_teacher_config,
+        "NIConfig": configurables.ni_config,
         "DataConfig": loop.DataConfig,
         "DistributedConfig": distributed.DistributedConfig,
     }
@@ -206,3 +207,129 @@ def test_includes_resolve_beside_same_named_directories(tmp_path, monkeypatch):
     (tmp_path / "mine.gin").write_text("include 'models/t5_suite.gin'\n")
     train.parse_gin(train.parse_flags(["--gin_file=mine.gin"]))
     assert configurables.t5_config().d_model == 128
+
+
+# --- one NIConfig; every binding used by the stage that runs ------------------------------
+
+RUN_FILES = sorted(glob.glob(os.path.join(GIN_ROOT, "runs", "*.gin")))
+
+
+class _Checked(Exception):
+    """Raised right after a stage's binding check passed: nothing after it runs."""
+
+
+def _stop_after_the_check(monkeypatch):
+    from tagi_jax import gin_check
+
+    check = gin_check.check_bindings_used
+
+    def checked(stage):
+        check(stage)
+        raise _Checked(stage)
+
+    monkeypatch.setattr(gin_check, "check_bindings_used", checked)
+
+
+def _run_stage():
+    """What `python -m tagi_jax.train` / `python -m tagi_jax.evaluate` run for the parsed file."""
+    from tagi_jax.evaluation import pipeline
+    from tagi_jax.training import stages
+
+    evaluate = any(line.startswith("evaluate.") for line in gin.config_str().splitlines())
+    return pipeline.evaluate() if evaluate else stages.run()
+
+
+@pytest.mark.parametrize("path", RUN_FILES, ids=os.path.basename)
+def test_every_run_file_binding_is_used_by_its_stage(path, monkeypatch):
+    """Each run file's stage reads every binding of the file and its includes: the stage's
+    check passes (a binding it never reads would raise a ValueError naming it)."""
+    from tagi_jax import train
+
+    _stop_after_the_check(monkeypatch)
+    flags = [f"--gin_file={path}", *(f"--gin.{m}='/tmp/{m.lower()}'" for m in REQUIRED_MACROS)]
+    with train.configured(flags), pytest.raises(_Checked):
+        _run_stage()
+
+
+def test_sni_run_files_switch_on_tk_instructs_source_budget():
+    from tagi_jax import train
+
+    for name in ("finetune_sni", "metatrain_sni", "lora_teachers_sni", "evaluate_sni"):
+        flags = [f"--gin_file=runs/{name}.gin"]
+        flags += [f"--gin.{m}='/tmp/{m.lower()}'" for m in REQUIRED_MACROS]
+        with train.configured(flags):
+            assert configurables.ni_config().max_source_length == 1024, name
+            if name != "evaluate_sni":
+                assert loop.DataConfig().ni.max_source_length == 1024, name
+
+
+def test_an_unused_binding_is_one_clear_error(tmp_path, capsys):
+    """A binding the stage never reads (LoraTeacherConfig in a `train` run, `train.*` in an
+    evaluation) ends the CLI with exit 2 and an error naming it, before any work; without it
+    the same command gets past the check (to the missing data directory)."""
+    from tagi_jax import evaluate, train
+
+    base = [
+        "--gin_file=runs/tiny_cpu.gin",
+        f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+        f"--gin.DATA_DIR='{tmp_path / 'no_data'}'",
+    ]
+    assert train.main([*base, "--gin.LoraTeacherConfig.rank=8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: gin bindings never used by this stage (train): ")
+    assert "LoraTeacherConfig.rank" in err and "no_data" not in err
+    gin.clear_config()
+    assert train.main(base) == 2
+    assert "never used" not in capsys.readouterr().err  # the data directory's error instead
+    assert not os.path.exists(tmp_path / "run")
+    gin.clear_config()
+    flags = [
+        "--gin_file=runs/evaluate_suite.gin",
+        f"--gin.EXPORT_DIR='{tmp_path}'",
+        f"--gin.DATA_DIR='{tmp_path}'",
+        f"--gin.OUTPUT_DIR='{tmp_path / 'out'}'",
+        "--gin.train.batch_size=3",
+    ]
+    assert evaluate.main(flags) == 2
+    err = capsys.readouterr().err
+    assert "never used by this stage (evaluate): train.batch_size" in err
+
+
+def test_binding_check_follows_gin_scopes_and_exempts_macros():
+    from tagi_jax import gin_check
+
+    assert gin_check.unused_bindings() == []  # no config: nothing to check
+    gin.parse_config(
+        """
+        RATE = 0.5
+        LossConfig.ce_weight = %RATE
+        teacher/LossConfig.kl_weight = 0.1
+        OptimizerConfig.learning_rate = 1e-3
+        """
+    )
+    configurables.loss_config()
+    assert gin_check.unused_bindings() == [
+        "OptimizerConfig.learning_rate",
+        "teacher/LossConfig.kl_weight",
+    ]
+    with gin.config_scope("teacher/inner"):  # a scoped binding applies in nested scopes
+        configurables.loss_config()
+    assert gin_check.unused_bindings() == ["OptimizerConfig.learning_rate"]
+    with pytest.raises(ValueError, match=r"never used by this stage \(x\): OptimizerConfig"):
+        gin_check.check_bindings_used("x")
+
+
+def test_data_config_refuses_a_budget_its_lengths_would_undo():
+    """The budget keeps the source's input by dropping demonstrations; a shorter feature
+    length for a stream carrying that source would trim the input off after all. And the task
+    name's demonstrations may not be contradicted by NIConfig."""
+    from tagi_jax.data.ni import NIConfig
+
+    lengths = (("inputs", 1024), ("hyper_inputs", 1024), ("teacher_inputs", 512), ("targets", 8))
+    budget = NIConfig(max_source_length=1024)
+    with pytest.raises(ValueError, match=r"\{'teacher_inputs': 512\}.*max_source_length=1024"):
+        loop.DataConfig(task="tagi_sni_def_pos2", feature_lengths=lengths, ni=budget)
+    loop.DataConfig(task="tagi_sni_def_pos2", feature_lengths=lengths, ni=NIConfig())
+    loop.DataConfig(task="tagi_c4_pretrain", feature_lengths=lengths, ni=budget)  # not NI data
+    with pytest.raises(ValueError, match="num_pos_examples=0 contradicts task 'tagi_sni_def_pos2'"):
+        loop.DataConfig(task="tagi_sni_def_pos2", ni=NIConfig(num_pos_examples=0))

@@ -213,3 +213,69 @@ def test_skip_mode_warns_with_counts(sample, caplog):
 def test_missing_split_file(tmp_path):
     with pytest.raises(ni.NIDataError, match="no split file"):
         ni.read_split(str(tmp_path), "train")
+
+
+# --- one NIConfig: task variants, the source budget --------------------------------------
+
+
+def test_niconfig_rejects_impossible_values():
+    for field, value in (
+        ("max_source_length", 1),
+        ("num_pos_examples", -1),
+        ("eval_instances_per_task", 0),
+    ):
+        with pytest.raises(ValueError, match=f"NIConfig.{field}"):
+            ni.NIConfig(**{field: value})
+    assert ni.NIConfig().pos_examples == 2  # unset: Tk-Instruct's Def + 2 Pos
+    assert ni.NIConfig(num_pos_examples=0).pos_examples == 0
+
+
+def test_the_task_variant_picks_the_demonstrations_and_a_contradiction_is_an_error():
+    assert ni.for_task(ni.NIConfig(), "tagi_sni_def").num_pos_examples == 0
+    assert ni.for_task(ni.NIConfig(), "tagi_suite_def_pos2").num_pos_examples == 2
+    agreeing = ni.NIConfig(num_pos_examples=0, max_source_length=64)
+    assert ni.for_task(agreeing, "tagi_sni_def") == agreeing  # everything else is kept
+    with pytest.raises(ValueError, match=r"num_pos_examples=2 contradicts task 'tagi_sni_def'"):
+        ni.for_task(ni.NIConfig(num_pos_examples=2), "tagi_sni_def")
+    with pytest.raises(ValueError, match="not a natural-instructions task"):
+        ni.for_task(ni.NIConfig(), "tagi_p3_t0_train")
+
+
+def test_a_budget_without_a_vocabulary_is_an_error(shared_data_dir):
+    examples = ni.iter_examples(
+        os.path.join(shared_data_dir, "sni"), "test", ni.NIConfig(max_source_length=1024)
+    )
+    with pytest.raises(ValueError, match="needs the vocabulary"):
+        next(examples)
+
+
+class _Bytes:
+    """UTF-8 bytes as ids, like seqio.ByteVocabulary without the offset."""
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="ignore")
+
+
+def test_a_source_still_over_budget_is_cut_to_it():
+    """Tk-Instruct: with the demonstrations gone, a source still longer than the budget is
+    tokenized, cut and decoded back; the text then holds budget - 1 ids (+ EOS = budget)."""
+    inst = TASK["Instances"][0]
+    definition = "Definition: Answer the question.\n\n"
+    task_input = "Now complete the following example -\nInput: Who wrote Hamlet.\nOutput: "
+    budget = 40
+    assert len(definition + task_input) + 1 > budget
+    count, cut = ni.token_budget(_Bytes(), budget)
+    ex = ni.format_instance(
+        TASK, inst, max_source_length=budget, count_tokens=count, cut_source=cut
+    )
+    assert ex["teacher_inputs"] == (definition + task_input)[: budget - 1]
+    assert count(ex["teacher_inputs"]) == budget
+    assert ex["inputs"] == ex["teacher_inputs"]  # definition + input: the same text, cut alike
+    assert ex["hyper_inputs"] == definition  # no demonstration fits; the instruction is not cut
+    roomy = ni.format_instance(
+        TASK, inst, max_source_length=1000, count_tokens=count, cut_source=cut
+    )
+    assert roomy == ni.format_instance(TASK, inst)  # a source that fits is left alone

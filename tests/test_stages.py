@@ -54,7 +54,7 @@ def metatrain(tmp_path_factory, suite):
             "--gin.HyperConfig.targets=[]",
             "--gin.TagiConfig.fusion=False",
             "--gin.TagiConfig.trainable_patterns=['^t5/']",
-            "--gin.DataConfig.student_input='teacher_source'",
+            "--gin.NIConfig.student_input='teacher_source'",
         )
     )
     return model_dir
@@ -104,6 +104,7 @@ def test_finetune_with_logit_and_lora_teachers(tmp_path, suite, metatrain):
             suite,
             "--gin_file=losses/authors_run.gin",
             "--gin.train.loss=@LossConfig()",
+            "--gin.LossConfig.standardized_kl_weight=0.1",  # every term of the objective
             f"--gin.train.base_checkpoint='{metatrain}'",
             f"--gin.train.teacher_checkpoint='{metatrain}'",
             f"--gin.train.teacher_lora_bank='{bank}'",
@@ -111,12 +112,82 @@ def test_finetune_with_logit_and_lora_teachers(tmp_path, suite, metatrain):
             "--gin.HyperConfig.rank=4",
         )
     )
-    for term in ("cross_entropy", "kl", "alignment", "loss"):
+    terms = ("cross_entropy", "kl", "standardized_kl", "alignment")
+    for term in (*terms, "loss"):
         assert np.isfinite(last[term]) and last[term] > 0, term
     # the student starts as the base with zero B: its KL to the metatrain teacher is the
     # teacher's own disagreement with the base on the student's input, a positive number
     with open(os.path.join(model_dir, "metrics.jsonl")) as f:
-        assert len([json.loads(line) for line in f]) == 2
+        records = [json.loads(line) for line in f]
+    assert len(records) == 2
+    for record in records:  # every term, its weighted contribution and its gradient share
+        for term in terms:
+            for key in (term, f"term/{term}", f"grad_norm/{term}", f"grad_share/{term}"):
+                assert np.isfinite(record[key]), (record["step"], key)
+            assert record[f"grad_norm/{term}"] > 0, term
+        np.testing.assert_allclose(sum(record[f"term/{t}"] for t in terms), record["loss"], 1e-5)
+        np.testing.assert_allclose(sum(record[f"grad_share/{t}"] for t in terms), 1.0, 1e-4)
+    # the alignment weight was calibrated on the first batch to 0.25 x CE's gradient norm, and
+    # step 1's logged norms (the same state and batch) show exactly that
+    with open(os.path.join(model_dir, "alignment_calibration.json")) as f:
+        calibration = json.load(f)
+    assert calibration["alignment_grad_ratio"] == 0.25 and calibration["alignment_weight"] > 0
+    first = records[0]
+    assert first["step"] == 1
+    ratio = first["grad_norm/alignment"] / first["grad_norm/cross_entropy"]
+    np.testing.assert_allclose(ratio, 0.25, rtol=1e-3)
+    # the uncalibrated measurement at weight 1 was far from it: that is why it is calibrated
+    at_one = calibration["first_batch"]
+    assert at_one["grad_norm/alignment"] != pytest.approx(first["grad_norm/alignment"])
+
+
+def test_authors_code_encodes_instructions_with_the_teachers_encoder(tmp_path, suite, metatrain):
+    """methods/authors_code.gin: the separate frozen instruction encoder holds the logit
+    teacher's encoder (by default, as the authors' collator), through the trainer, its
+    checkpoints and the export, not a random initialisation."""
+    import orbax.checkpoint as ocp
+
+    from tagi_jax import export
+    from tagi_jax.models import tagi, trainable
+    from tagi_jax.training import loop
+
+    authors = ("--gin_file=methods/authors_code.gin", "--gin_file=methods/tiny_hyper.gin")
+    model_dir = str(tmp_path / "authors")
+    # no base: the backbone is the seed's, so only the teacher can supply the encoder
+    _run(*_tiny(model_dir, suite, *authors, f"--gin.train.teacher_checkpoint='{metatrain}'"))
+    with open(os.path.join(model_dir, "run.json")) as f:
+        run = json.load(f)
+    assert run["instruction_encoder_checkpoint"] == os.path.abspath(metatrain)
+    model = export.read_run(model_dir)["model"]
+    assert model.hyper.instruction_encoder == "separate"
+    _, teacher = loop.load_base(metatrain)
+    expected = {
+        f"instruction_encoder/{p}": v
+        for p, v in trainable.flatten(
+            {"token_embedder": teacher["token_embedder"], "encoder": teacher["encoder"]}
+        ).items()
+    }
+    loop_export = trainable.flatten(
+        ocp.StandardCheckpointer().restore(
+            os.path.join(model_dir, loop.EXPORT_DIR, "tagi", "params"),
+            tagi.abstract_params(model),
+        )
+    )
+    exported = trainable.flatten(
+        export.load_export(export.export_run(model_dir, str(tmp_path / "e")))[1]
+    )
+    for params in (loop_export, exported):
+        encoder = {p: v for p, v in params.items() if p.startswith("instruction_encoder/")}
+        assert set(encoder) == set(expected)
+        for path, value in expected.items():
+            np.testing.assert_array_equal(np.asarray(encoder[path]), np.asarray(value), path)
+        # ... while the student's own backbone is the seed's: the two really differ
+        query = "encoder/layers_0/attention/query/kernel"
+        assert not np.allclose(params[f"t5/{query}"], expected[f"instruction_encoder/{query}"])
+    # the preset with no teacher and no named encoder is one clear error, before any training
+    with pytest.raises(ValueError, match="instruction_encoder_checkpoint"):
+        _run(*_tiny(str(tmp_path / "none"), suite, *authors))
+    assert not os.path.exists(os.path.join(tmp_path, "none", "checkpoints"))
 
 
 def test_alignment_without_a_bank_is_one_clear_error(tmp_path, suite):
@@ -166,7 +237,8 @@ def test_hyper_pretraining_on_local_c4(tmp_path, suite):
             f"--gin.DataConfig.c4_files=['{path}']",
         )
     )
-    assert np.isfinite(last["loss"]) and last["accuracy"] >= 0
+    assert np.isfinite(last["loss"]) and last["loss"] > 0
+    assert 0.0 <= last["accuracy"] <= 1.0 and last["tokens"] > 0
     with open(os.path.join(model_dir, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2]
 

@@ -177,3 +177,131 @@ def test_config_validation():
         T5Config.from_hf_dict({"model_type": "gpt2"})
     hf = CONFIG.to_hf_dict()
     assert T5Config.from_hf_dict(hf, dropout_rate=0.1) == CONFIG
+
+
+# --- logits_vocab_size: the head predicts only the tokenizer's ids -------------------------
+
+N_LOGITS = 250  # of TINY_T5's 288 rows
+HEADS = {
+    "untied": CONFIG.replace(dropout_rate=0.0),
+    "tied": CONFIG.replace(dropout_rate=0.0, tie_word_embeddings=True, scale_decoder_outputs=True),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(HEADS))
+def head(request):
+    """(unrestricted config, restricted config, params), for a tied and an untied head."""
+    config = HEADS[request.param]
+    params = t5.init_params(config, jax.random.key(3))
+    return config, config.replace(logits_vocab_size=N_LOGITS), params
+
+
+def _restricted_batch():
+    enc, dec = _batch(5)
+    return enc, jnp.where(dec >= N_LOGITS, 2, dec)  # decoder inputs the restricted head can emit
+
+
+def test_restricted_logits_are_the_first_columns(head):
+    config, restricted, params = head
+    # Same parameters (the checkpoint shape is kept; only the matmul is narrower).
+    shapes = jax.tree.map(jnp.shape, params)
+    assert jax.tree.map(jnp.shape, t5.init_params(restricted, jax.random.key(3))) == shapes
+    enc, dec = _restricted_batch()
+    full = np.asarray(t5.forward(config, params, enc, dec))
+    narrow = np.asarray(t5.forward(restricted, params, enc, dec))
+    assert full.shape[-1] == config.vocab_size and config.logits_width == config.vocab_size
+    assert narrow.shape == full.shape[:-1] + (N_LOGITS,) and restricted.logits_width == N_LOGITS
+    # Equal up to float32 rounding of the differently tiled matmul (a few ulp).
+    np.testing.assert_allclose(narrow, full[..., :N_LOGITS], atol=1e-6, rtol=1e-6)
+    # No vocab_size-wide logits are ever computed: the head is sliced before the matmul.
+    jaxpr = str(jax.make_jaxpr(functools.partial(t5.forward, restricted))(params, enc, dec))
+    assert f"[3,9,{N_LOGITS}]" in jaxpr and f"[3,9,{config.vocab_size}]" not in jaxpr
+
+
+def test_restricted_greedy_never_emits_extra_ids(head):
+    """Even when the rows past ``logits_vocab_size`` would win every argmax."""
+    config, restricted, params = head
+    rng = np.random.default_rng(0)
+    extra = config.vocab_size - N_LOGITS
+    if config.tie_word_embeddings:
+        table = np.asarray(params["token_embedder"]["embedding"]).copy()
+        table[N_LOGITS:] = 1e3 * rng.standard_normal((extra, table.shape[1]))
+        params = {**params, "token_embedder": {"embedding": jnp.asarray(table)}}
+    else:
+        kernel = np.asarray(params["decoder"]["logits_dense"]["kernel"]).copy()
+        kernel[:, N_LOGITS:] = 1e3 * rng.standard_normal((kernel.shape[0], extra))
+        decoder = {**params["decoder"], "logits_dense": {"kernel": jnp.asarray(kernel)}}
+        params = {**params, "decoder": decoder}
+    enc, _ = _restricted_batch()
+    unrestricted = np.asarray(t5.greedy_decode(config, params, enc, max_decode_len=6))
+    assert (unrestricted[:, 0] >= N_LOGITS).all()  # the extra rows do dominate
+    tokens = np.asarray(t5.greedy_decode(restricted, params, enc, max_decode_len=6))
+    assert tokens.shape == (3, 6) and tokens.max() < N_LOGITS
+    # Greedy picks the argmax of the restricted teacher-forced logits at every step.
+    dec = jnp.concatenate([jnp.zeros((3, 1), jnp.int32), jnp.asarray(tokens[:, :-1])], axis=1)
+    logits = np.asarray(t5.forward(restricted, params, enc, dec))
+    alive = np.cumsum(tokens == config.eos_token_id, axis=1) - (tokens == config.eos_token_id)
+    np.testing.assert_array_equal(
+        np.where(alive == 0, logits.argmax(-1), 0), np.where(alive == 0, tokens, 0)
+    )
+
+
+def test_restricted_incremental_decoding_equals_teacher_forcing(head):
+    _, restricted, params = head
+    enc, dec = _restricted_batch()
+    # Incremental decoding attends to every token it generated: no decoder padding here.
+    dec = jnp.where(jnp.arange(dec.shape[1]) > 0, jnp.maximum(dec, 2), dec)
+    full = t5.forward(restricted, params, enc, dec)
+    encoded = t5.encode(restricted, params, enc)
+    length = dec.shape[1]
+    cache = t5.init_decode_cache(restricted, params, encoded, enc, max_decode_len=length)
+    for i in range(length):
+        step, cache = t5.decode_step(restricted, params, cache, encoded, enc, dec[:, i : i + 1], i)
+        assert step.shape == (3, N_LOGITS)
+        np.testing.assert_allclose(np.asarray(step), np.asarray(full[:, i]), atol=1e-5, rtol=0)
+
+
+def test_logits_vocab_size_validation_and_round_trip(tmp_path):
+    for bad in (0, -1, CONFIG.vocab_size + 1, True, 2.5, "32100"):
+        with pytest.raises(ValueError, match="logits_vocab_size"):
+            CONFIG.replace(logits_vocab_size=bad)
+    assert CONFIG.replace(logits_vocab_size=CONFIG.vocab_size).logits_width == CONFIG.vocab_size
+    restricted = CONFIG.replace(logits_vocab_size=N_LOGITS)
+    assert T5Config.from_dict(restricted.to_dict()) == restricted
+    # Configs written before the field existed read back unrestricted.
+    old = {k: v for k, v in CONFIG.to_dict().items() if k != "logits_vocab_size"}
+    assert T5Config.from_dict(old).logits_vocab_size is None
+    # Hugging Face config.json has no such field: conversion leaves it None.
+    assert T5Config.from_hf_dict(restricted.to_hf_dict()).logits_vocab_size is None
+    from tagi_jax.convert import param_checkpoint
+
+    params = t5.init_params(restricted, jax.random.key(0))
+    param_checkpoint.save(str(tmp_path / "ckpt"), restricted, params)
+    assert param_checkpoint.read_config(str(tmp_path / "ckpt")) == restricted
+
+
+def test_google_model_gin_files_restrict_to_the_tokenizer():
+    """Every Google T5 size with 32128 rows predicts only the tokenizer's 32100 ids."""
+    import glob
+    import os
+
+    import gin
+
+    from tagi_jax import configurables, train
+
+    root = os.path.join(os.path.dirname(__file__), "..", "gin_configs", "models")
+    train.register_configurables()
+    checked = 0
+    try:
+        for path in sorted(glob.glob(os.path.join(root, "t5_1_*.gin"))):
+            gin.clear_config()
+            gin.parse_config_file(path)
+            config = configurables.t5_config()
+            if "tiny" in os.path.basename(path):
+                assert config.logits_vocab_size is None  # a test size, runs override the vocab
+                continue
+            assert config.vocab_size == 32128 and config.logits_vocab_size == 32100, path
+            checked += 1
+    finally:
+        gin.clear_config()
+    assert checked == 7

@@ -1,5 +1,7 @@
 """The TAGI model: hypernetwork, fusion, task-level caching, what trains, bad input."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -292,12 +294,12 @@ def test_gradients_reach_exactly_the_trainable_parameters(preset, generator, enc
             assert norm == 0, f"frozen {path} has gradient {norm}"
     assert n_trainable > 0
     if preset == "authors_code":
-        labels = trainable.labels(config, params)
-        assert labels["t5"]["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"] == "trainable"
-        assert labels["t5"]["encoder"]["layers_0"]["attention"]["query"]["kernel"] == "frozen"
-        assert labels["t5"]["decoder"]["logits_dense"]["kernel"] == "frozen"
-        assert labels["t5"]["token_embedder"]["embedding"] == "trainable"
-        assert labels["instruction_encoder"]["encoder"]["final_layer_norm"]["scale"] == "frozen"
+        trains = trainable.trainable_mask(config, params)
+        assert trains["t5"]["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
+        assert not trains["t5"]["encoder"]["layers_0"]["attention"]["query"]["kernel"]
+        assert not trains["t5"]["decoder"]["logits_dense"]["kernel"]
+        assert trains["t5"]["token_embedder"]["embedding"]
+        assert not trains["instruction_encoder"]["encoder"]["final_layer_norm"]["scale"]
 
 
 def test_user_patterns_add_and_remove():
@@ -305,10 +307,10 @@ def test_user_patterns_add_and_remove():
         trainable_patterns=(r"^t5/decoder/logits_dense/",), frozen_patterns=(r"pooler",)
     )
     params = tagi.init_params(config, jax.random.key(15))
-    labels = trainable.labels(config, params)
-    assert labels["t5"]["decoder"]["logits_dense"]["kernel"] == "trainable"
-    assert labels["hypernet"]["pooler"]["kernel"] == "frozen"
-    assert labels["hypernet"]["decoder_hidden"]["kernel"] == "trainable"
+    trains = trainable.trainable_mask(config, params)
+    assert trains["t5"]["decoder"]["logits_dense"]["kernel"]
+    assert not trains["hypernet"]["pooler"]["kernel"]
+    assert trains["hypernet"]["decoder_hidden"]["kernel"]
 
 
 # --- bad input ---------------------------------------------------------------------------
@@ -347,3 +349,32 @@ def test_batch_errors_name_the_field():
         )
     with pytest.raises(KeyError, match="hyper_input_tokens"):
         tagi.forward(config, params, {k: v for k, v in batch.items() if k != "hyper_input_tokens"})
+
+
+@pytest.mark.parametrize("encoder", ["backbone", "separate"])
+def test_a_frozen_instruction_encoder_runs_without_dropout(encoder):
+    """The authors encode instructions under no_grad in eval mode: with dropout on (rate 0.5)
+    and a dropout key, a frozen encoder's states and the adapters generated from them are the
+    deterministic ones; an encoder that trains still drops out."""
+    t5_config = TINY_T5.replace(dropout_rate=0.5)
+    extra = {"instruction_encoder_t5": t5_config} if encoder == "separate" else {}
+    config = TagiConfig(
+        t5=t5_config,
+        hyper=HyperConfig(**{**SMALL_HYPER, "instruction_encoder": encoder, "init": "authors"}),
+        fusion=True,
+        **extra,
+    )
+    params = tagi.init_params(config, jax.random.key(3))
+    batch = make_batch()
+    key = jax.random.key(4)
+    tokens = batch["hyper_input_tokens"]
+    quiet, _ = tagi.encode_instruction(config, params, tokens)
+    noisy, _ = tagi.encode_instruction(config, params, tokens, dropout_rng=key)
+    np.testing.assert_array_equal(np.asarray(noisy), np.asarray(quiet))
+    # through forward: the generated adapters do not depend on the dropout key
+    _, aux_a = tagi.forward(config, params, batch, dropout_rng=key)
+    _, aux_b = tagi.forward(config, params, batch, dropout_rng=jax.random.key(5))
+    jax.tree.map(np.testing.assert_array_equal, aux_a["adapters"], aux_b["adapters"])
+    trains = config.replace(hyper=dataclasses.replace(config.hyper, train_instruction_encoder=True))
+    dropped, _ = tagi.encode_instruction(trains, params, tokens, dropout_rng=key)
+    assert not np.allclose(np.asarray(dropped), np.asarray(quiet))

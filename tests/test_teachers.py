@@ -65,15 +65,6 @@ def test_teacher_logits_are_the_frozen_models_and_gradient_free(tmp_path, base):
     assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads))
 
 
-def test_teacher_vocabulary_must_match_or_be_shared():
-    assert teacher.shared_vocab_size(32128, 32128) is None
-    with pytest.raises(ValueError, match="32100 rows.*32128"):
-        teacher.shared_vocab_size(32128, 32100)
-    assert teacher.shared_vocab_size(32128, 32100, 32100) == 32100
-    with pytest.raises(ValueError, match="vocab_size"):
-        teacher.shared_vocab_size(32128, 32100, 32128)
-
-
 def test_load_teacher_missing_path(tmp_path):
     from tagi_jax.convert.tensor_store import CheckpointError
 

@@ -68,13 +68,17 @@ def test_bad_input_is_one_clear_error(tmp_path, suite):
     )
     assert no_base.returncode == 2 and "base_checkpoint" in no_base.stderr
     assert "no_base" in no_base.stderr
+    # two devices, so the mesh builds and the batch check itself is what refuses
+    two_devices = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     odd = _train(
         f"--gin.MODEL_DIR='{tmp_path}'",
         f"--gin.DATA_DIR='{suite}'",
         "--gin.BATCH_SIZE=3",
         "--gin.train.mesh_shape=(2, 1)",
+        env=two_devices,
     )
-    assert odd.returncode != 0
+    assert odd.returncode == 2, odd.stderr[-2000:]
+    assert "batch_size=3 is not divisible by the data-parallel mesh axes" in odd.stderr
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, suite):

@@ -121,3 +121,68 @@ def test_schedules():
     assert abs(float(cos(10)) - 1.0) < 1e-6 and float(cos(110)) < 1e-6
     with pytest.raises(ValueError, match="schedule"):
         optim.OptimizerConfig(schedule="step")
+
+
+def test_warmup_as_a_fraction_of_the_run():
+    """schedules/paper_linear_warmup.gin: 2% of the run, whatever TRAIN_STEPS is."""
+    cfg = optim.OptimizerConfig(
+        learning_rate=1.0, schedule="linear_warmup", warmup_fraction=0.02, total_steps=5000
+    )
+    assert cfg.warmup == 100
+    fn = optim.schedule(cfg)
+    assert abs(float(fn(50)) - 0.5) < 1e-6 and float(fn(100)) == 1.0 and float(fn(4000)) == 1.0
+    log = optim.schedule(
+        optim.OptimizerConfig(
+            learning_rate=1.0,
+            schedule="log_warmup_constant",
+            warmup_fraction=0.01,
+            total_steps=20000,
+        )
+    )
+    assert abs(float(log(199)) - 1.0) < 1e-6 and float(log(99)) < 0.9
+    with pytest.raises(ValueError, match="not both"):
+        optim.OptimizerConfig(warmup_steps=10, warmup_fraction=0.02)
+    with pytest.raises(ValueError, match="warmup_fraction"):
+        optim.OptimizerConfig(warmup_fraction=1.5)
+
+
+def test_term_gradients_are_each_terms_own_gradient_and_shares_sum_to_one():
+    """grad_norm/<term> equals ‖jax.grad(weighted term)‖ computed on its own; the shares
+    ⟨g_term, g_total⟩/‖g_total‖² add up to 1."""
+    from tagi_jax.models import lora
+
+    params = tagi.init_params(MODEL, jax.random.key(0))
+    batch = _batch()
+    # a random "teacher" for both the KL and the alignment, so three terms pull apart
+    rng = np.random.default_rng(3)
+    batch["teacher_logits"] = jnp.asarray(rng.normal(size=(4, 6, TINY_T5.vocab_size)), jnp.float32)
+    generated = tagi.forward(MODEL, params, batch)[1]["adapters"]
+    batch["teacher_lora"] = jax.tree.map(
+        lambda a: jnp.asarray(rng.normal(scale=0.05, size=a.shape), jnp.float32), generated
+    )
+    assert isinstance(batch["teacher_lora"], lora.LoraAdapters)
+    batch["teacher_mask"] = jnp.ones((4,), bool)
+    loss = losses.LossConfig(ce_weight=0.6, kl_weight=0.4, alignment_weight=2.0)
+    _, frozen, state, _ = _setup(loss=loss)
+    config = state_lib.StepConfig(MODEL, loss)
+    structure = jax.tree.structure(params)
+    out = jax.jit(functools.partial(state_lib.term_gradients, config, structure))(
+        state, frozen, batch
+    )
+    assert set(out) == {
+        f"{kind}/{name}"
+        for kind in ("grad_norm", "grad_share")
+        for name in ("cross_entropy", "kl", "alignment")
+    }
+    rng_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
+    for name in ("cross_entropy", "kl", "alignment"):
+
+        def term(t, name=name):
+            return state_lib._loss(config, structure, t, frozen, batch, rng_key)[1][f"term/{name}"]
+
+        grads = jax.grad(term)(state.trainable)
+        expected = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads))))
+        np.testing.assert_allclose(float(out[f"grad_norm/{name}"]), expected, rtol=1e-4)
+        assert expected > 0, name
+    total = sum(float(out[f"grad_share/{n}"]) for n in ("cross_entropy", "kl", "alignment"))
+    np.testing.assert_allclose(total, 1.0, rtol=1e-4)

@@ -10,6 +10,11 @@ demonstrations, no input) and the student's input. ``iter_examples`` walks a spl
 give their first 100 instances with every reference; training tasks give a seeded shuffle,
 capped per task, with one reference drawn as the target.
 
+One ``NIConfig`` (gin: ``NIConfig.<field>``, held by ``DataConfig.ni``) says how for training,
+the LoRA-teacher stage and evaluation alike. With ``max_source_length`` set, Tk-Instruct's
+budget counts the model's tokens: demonstrations are dropped before the source is cut, so the
+``Input: ... Output:`` tail survives whenever the Definition and the input fit.
+
 Bad input (malformed JSON, a file that is not UTF-8, a listed task missing on disk, no
 Definition or Instances, an instance without outputs) raises ``NIDataError`` naming the file and
 instance, or with ``on_error="skip"`` is counted and reported in one warning at the end.
@@ -32,6 +37,11 @@ log = logging.getLogger(__name__)
 
 STUDENT_INPUTS = ("definition_and_input", "input_only", "teacher_source")
 EVAL_INSTANCES_PER_TASK = 100  # the official (label-balanced) evaluation instances
+DEFAULT_POS_EXAMPLES = 2  # Tk-Instruct's "Def + 2 Pos", the paper's main setting
+# The task variants registered per natural-instructions directory ("<prefix>_<label>_<variant>",
+# e.g. tagi_sni_def_pos2): variant -> positive demonstrations. The task name is how a run says
+# "Definition only" or "Def + 2 Pos"; NIConfig.num_pos_examples may not contradict it.
+TASK_VARIANTS = {"def_pos2": 2, "def": 0}
 
 
 class NIDataError(ValueError):
@@ -62,6 +72,7 @@ def format_instance(
     add_explanation: bool = False,
     max_source_length: int | None = None,
     count_tokens: Callable[[str], int] | None = None,
+    cut_source: Callable[[str], str] | None = None,
     student_input: str = "definition_and_input",
 ) -> dict[str, Any]:
     """The TAGI streams of one instance.
@@ -74,6 +85,9 @@ def format_instance(
         ``definition + " ".join(kept) + demonstration + task_input`` stays within
         ``max_source_length`` (Tk-Instruct's rule, " ".join included); ``count_tokens`` should
         count like the model's tokenizer, EOS included. None keeps every demonstration.
+      cut_source: applied to a source (the teacher's, and the student's input) whose
+        ``count_tokens`` still exceeds ``max_source_length`` once demonstrations are dropped:
+        Tk-Instruct tokenizes it, cuts the ids and decodes them back (``token_budget``).
       student_input: ``definition_and_input`` (with fusion), ``input_only``, or
         ``teacher_source`` (the authors' last runs without fusion).
 
@@ -84,6 +98,8 @@ def format_instance(
         raise ValueError(f"student_input={student_input!r} is not one of {STUDENT_INPUTS}")
     if (max_source_length is None) != (count_tokens is None):
         raise ValueError("max_source_length and count_tokens go together")
+    if cut_source is not None and max_source_length is None:
+        raise ValueError("cut_source needs max_source_length and count_tokens")
     task_input = _punctuate(
         f"Now complete the following example -\nInput: {instance['input'].strip()}"
     )
@@ -111,10 +127,19 @@ def format_instance(
             break
         negatives.append(demo)
     instruction = prefix + definition + "".join(positives) + "".join(negatives)
-    teacher = instruction + task_input
+
+    def cut(source: str) -> str:
+        # The demonstrations that did not fit are gone already: only a Definition and input
+        # too long on their own (or the task-name prefix, which Tk-Instruct's check leaves out)
+        # get cut. The hypernetwork's instruction has no input to keep; its own length trims it.
+        if cut_source is None or fits(source):
+            return source
+        return cut_source(source)
+
+    teacher = cut(instruction + task_input)
     student = {
-        "definition_and_input": prefix + definition + task_input,
-        "input_only": task_input,
+        "definition_and_input": cut(prefix + definition + task_input),
+        "input_only": cut(task_input),
         "teacher_source": teacher,
     }[student_input]
     return {
@@ -176,9 +201,29 @@ def load_task(path: str) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class NIConfig:
-    """How a split becomes examples (gin: ``NIConfig.<field>``)."""
+    """How natural-instructions data becomes examples, for training, the LoRA-teacher stage and
+    evaluation alike (gin: ``NIConfig.<field>``; runs hold it as ``DataConfig.ni``, evaluation
+    as ``evaluate.ni``, both the gin-configured one by default).
 
-    num_pos_examples: int = 2
+    Attributes:
+      num_pos_examples: positive demonstrations. None: as the data says, i.e. a training
+        task's variant (``*_def``: 0, ``*_def_pos2``: 2, ``TASK_VARIANTS``) and otherwise (an
+        evaluation) Tk-Instruct's Def + 2 Pos. A number that contradicts the task's variant is
+        an error, never silently overridden (``with_pos_examples``).
+      num_neg_examples, add_definition, add_task_name, add_explanation: Tk-Instruct's format
+        switches (the authors' scripts: 0, True, False, False).
+      student_input: what the student reads (``STUDENT_INPUTS``; ``format_instance``).
+      max_train_instances_per_task: training instances per task, a seeded draw (the paper's
+        100; None for all).
+      eval_instances_per_task: evaluation instances per task, the first ones (the official 100).
+      max_source_length: Tk-Instruct's source budget in the model's tokens, EOS included
+        (Tk-Instruct and the authors: 1024): demonstrations are kept only while the source fits,
+        then a source still longer is cut to it. Needs the vocabulary (``iter_examples``).
+        None: no budget; the feature lengths alone trim.
+      on_error: ``raise`` on an unusable task file, or ``skip`` it (counted, warned once).
+    """
+
+    num_pos_examples: int | None = None
     num_neg_examples: int = 0
     add_definition: bool = True
     add_task_name: bool = False
@@ -196,6 +241,73 @@ class NIConfig:
             raise ValueError(
                 f"NIConfig.student_input={self.student_input!r} not in {STUDENT_INPUTS}"
             )
+        at_least = {
+            "num_pos_examples": 0,
+            "num_neg_examples": 0,
+            "max_train_instances_per_task": 1,
+            "eval_instances_per_task": 1,
+            # the source ends in EOS: a budget of 1 leaves no room for any text
+            "max_source_length": 2,
+        }
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"NIConfig.{name}={value} must be >= {low} (or None)")
+
+    @property
+    def pos_examples(self) -> int:
+        """The demonstrations formatted: ``num_pos_examples``, Def + 2 Pos when unset."""
+        return DEFAULT_POS_EXAMPLES if self.num_pos_examples is None else self.num_pos_examples
+
+    def with_pos_examples(self, count: int, source: str) -> NIConfig:
+        """This config with ``count`` demonstrations, as ``source`` (a task variant) asks; an
+        explicit other ``num_pos_examples`` is a contradiction, reported, not overridden."""
+        if self.num_pos_examples is not None and self.num_pos_examples != count:
+            raise ValueError(
+                f"NIConfig.num_pos_examples={self.num_pos_examples} contradicts {source}, which "
+                f"formats {count} positive examples: leave NIConfig.num_pos_examples unset (the "
+                "task name picks the demonstrations) or pick the task variant you mean "
+                f"({', '.join(f'_{v}: {n}' for v, n in TASK_VARIANTS.items())})"
+            )
+        return dataclasses.replace(self, num_pos_examples=count)
+
+
+def task_variant(task: str) -> str | None:
+    """The ``TASK_VARIANTS`` key a task name ends in (``tagi_sni_def_pos2`` -> ``def_pos2``),
+    or None for a task that is not a natural-instructions variant (P3, C4)."""
+    for variant in sorted(TASK_VARIANTS, key=len, reverse=True):
+        if task.endswith("_" + variant):
+            return variant
+    return None
+
+
+def for_task(config: NIConfig, task: str) -> NIConfig:
+    """``config`` with the demonstrations the task variant ``task`` names (errors as
+    ``NIConfig.with_pos_examples``)."""
+    variant = task_variant(task)
+    if variant is None:
+        raise ValueError(
+            f"task {task!r} is not a natural-instructions task (<prefix>_sni_<variant> or "
+            f"<prefix>_suite_<variant>, variant one of {sorted(TASK_VARIANTS)})"
+        )
+    return config.with_pos_examples(TASK_VARIANTS[variant], f"task {task!r}")
+
+
+def token_budget(vocabulary, max_source_length: int):
+    """``(count_tokens, cut_source)`` for ``format_instance``: Tk-Instruct's source budget in
+    ``vocabulary``'s tokens (anything with SeqIO's ``encode``/``decode``)."""
+
+    def count_tokens(text: str) -> int:
+        return len(vocabulary.encode(text)) + 1  # + EOS, as the model sees it
+
+    def cut_source(text: str) -> str:
+        # Tk-Instruct decodes the first max_source_length ids and its final tokenization keeps
+        # max_source_length - 1 of them + EOS. Cutting to those ids here gives the model the
+        # same ids and makes the text itself fit the budget, EOS included, so the feature
+        # length's trim (append_eos_after_trim, encode_padded) has nothing left to cut.
+        return vocabulary.decode(list(vocabulary.encode(text))[: max_source_length - 1])
+
+    return count_tokens, cut_source
 
 
 def load_split(data_dir: str, split: str, config: NIConfig, split_name: str = "default"):
@@ -226,19 +338,35 @@ def iter_examples(
     config: NIConfig,
     *,
     seed: int = 0,
-    count_tokens: Callable[[str], int] | None = None,
+    vocabulary=None,
     split_name: str = "default",
 ) -> Iterator[dict[str, Any]]:
     """Formatted examples of a split, deterministic given ``seed``.
+
+    ``vocabulary`` (the model's; SeqIO's ``encode``/``decode``) counts and cuts the source when
+    ``config.max_source_length`` is set, and is required then: a budget that cannot be counted
+    is an error, not a budget silently off.
 
     Each carries ``inputs``, ``hyper_inputs``, ``teacher_inputs``, ``targets`` (a reference:
     drawn with the seeded RNG in training, the first in evaluation), ``references``,
     ``task_name``, ``category``, ``task_id``, ``category_id``, ``instance_id``.
     """
+    budget = {}
+    if config.max_source_length is not None:
+        if vocabulary is None:
+            raise ValueError(
+                f"NIConfig.max_source_length={config.max_source_length} counts the model's "
+                "tokens: iter_examples needs the vocabulary"
+            )
+        count_tokens, cut_source = token_budget(vocabulary, config.max_source_length)
+        budget = dict(
+            max_source_length=config.max_source_length,
+            count_tokens=count_tokens,
+            cut_source=cut_source,
+        )
     tasks = load_split(data_dir, split, config, split_name)
     category_ids = {c: i for i, c in enumerate(categories(tasks))}
     training = split == "train"
-    max_length = config.max_source_length if count_tokens is not None else None
     for task_id, (name, task) in enumerate(tasks):
         instances = list(task["Instances"])
         # zlib.crc32, not hash(): stable across processes and Python versions.
@@ -255,13 +383,12 @@ def iter_examples(
                 task,
                 instance,
                 task_name=name if config.add_task_name else "",
-                num_pos_examples=config.num_pos_examples,
+                num_pos_examples=config.pos_examples,
                 num_neg_examples=config.num_neg_examples,
                 add_definition=config.add_definition,
                 add_explanation=config.add_explanation,
-                max_source_length=max_length,
-                count_tokens=count_tokens if max_length is not None else None,
                 student_input=config.student_input,
+                **budget,
             )
             refs = example["references"]
             example["targets"] = rng.choice(refs) if training else refs[0]

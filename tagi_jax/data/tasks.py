@@ -7,7 +7,7 @@ dataset is built, never at registration; SentencePiece vocabularies load lazily 
 Names (``prefix`` defaults to ``tagi``):
 
 * ``{prefix}_sni_def`` / ``{prefix}_sni_def_pos2`` — SNI, Definition only / + 2 positive
-  examples (splits ``train``, ``test``).
+  examples (splits ``train``, ``test``), everything else as the one ``NIConfig`` says.
 * ``{prefix}_suite_def`` / ``{prefix}_suite_def_pos2`` — the built-in instruction suite (same
   format as SNI).
 * ``{prefix}_c4_pretrain`` — C4 (a, b, c) segments for hypernetwork pretraining.
@@ -71,30 +71,48 @@ _NI_SIGNATURE = {
 
 
 def _ni_dataset_fn(
-    data_dir: str, config: ni.NIConfig, vocabulary, split: str, shuffle_files, seed=None
+    data_dir: str,
+    config: ni.NIConfig,
+    vocabulary,
+    task: str,
+    num_pos_examples: int | None,
+    split: str,
+    shuffle_files,
+    seed=None,
 ):
     del shuffle_files  # the examples are shuffled per task with the seed instead
-
-    def count_tokens(text: str) -> int:
-        return len(vocabulary.encode(text)) + 1  # + EOS, as the model sees it
+    if num_pos_examples is not None:
+        # Raised when this task's data is built, not at registration: both variants are
+        # registered from one NIConfig, and only the task a run reads may contradict it.
+        config = config.with_pos_examples(num_pos_examples, f"task {task!r}")
 
     def generate():
         for example in ni.iter_examples(
-            data_dir, split, config, seed=seed or 0, count_tokens=count_tokens
+            data_dir, split, config, seed=seed or 0, vocabulary=vocabulary
         ):
             yield {key: example[key] for key in _NI_SIGNATURE}
 
     return tf.data.Dataset.from_generator(generate, output_signature=_NI_SIGNATURE)
 
 
-def register_ni(name: str, data_dir: str, vocabulary, config: ni.NIConfig) -> seqio.Task:
+def register_ni(
+    name: str,
+    data_dir: str,
+    vocabulary,
+    config: ni.NIConfig,
+    num_pos_examples: int | None = None,
+) -> seqio.Task:
     """One natural-instructions-format Task with ``train`` and ``test`` splits.
 
-    With ``config.max_source_length`` set, demonstrations are kept by Tk-Instruct's rule with
-    tokens counted by ``vocabulary`` (EOS included).
+    ``num_pos_examples``: the demonstrations this task formats (a task variant's); a ``config``
+    that says another number fails when the task's data is built. With
+    ``config.max_source_length`` set, Tk-Instruct's budget counts and cuts the source in
+    ``vocabulary``'s tokens (EOS included); give the source streams feature lengths of at least
+    that budget, or the trim cuts the ``Input: ... Output:`` tail the budget kept.
     """
     source = seqio.FunctionDataSource(
-        functools.partial(_ni_dataset_fn, data_dir, config, vocabulary), splits=["train", "test"]
+        functools.partial(_ni_dataset_fn, data_dir, config, vocabulary, name, num_pos_examples),
+        splits=["train", "test"],
     )
     return _replace_task(
         name,
@@ -174,20 +192,20 @@ def register_tasks(
     max_examples_per_task: int = 500_000,
     prefix: str = "tagi",
 ) -> Registered:
-    """Registers the tasks whose data directories are given; returns their names."""
+    """Registers the tasks whose data directories are given; returns their names.
+
+    ``sni_config`` is the one ``NIConfig`` of every natural-instructions task (SNI and the
+    suite); each variant (``ni.TASK_VARIANTS``) sets only the demonstrations.
+    """
     sni_config = sni_config or ni.NIConfig()
     tasks: list[str] = []
     mixtures: list[str] = []
     for data_dir, label in ((sni_dir, "sni"), (suite_dir, "suite")):
         if data_dir is None:
             continue
-        variants = {
-            "def_pos2": dataclasses.replace(sni_config, num_pos_examples=2),
-            "def": dataclasses.replace(sni_config, num_pos_examples=0),
-        }
-        for variant, config in variants.items():
+        for variant, num_pos_examples in ni.TASK_VARIANTS.items():
             name = f"{prefix}_{label}_{variant}"
-            register_ni(name, data_dir, vocabulary, config)
+            register_ni(name, data_dir, vocabulary, sni_config, num_pos_examples)
             tasks.append(name)
     if c4_files is not None or c4_tfds_dir is not None:
         name = f"{prefix}_c4_pretrain"

@@ -304,9 +304,14 @@ def adapter_alignment(
 class LossConfig:
     """Weights of the TAGI objective (gin: ``LossConfig.<field>``).
 
-    Default = the authors' logged runs with the correct forms:
-    ``0.6·CE + 0.4·KL(τ=3) + σ(ℓ)·ℓ`` with ``ℓ = 1000·alignment`` (tagi_spec.md §6).
-    The ``paper`` preset is ``CE + λ1·KL + λ2·alignment`` without the gate.
+    Default = the authors' logged weights in correct forms, with a calibrated alignment:
+    ``0.6·CE + 0.4·KL(τ=3, padding masked) + w·MSE(ΔW)``, where the trainer sets ``w`` at the
+    start of training so that the alignment's gradient norm is ``alignment_grad_ratio`` (0.25)
+    times the weighted CE's (``training.loop``; the value is logged and kept for resumes).
+    Why: the authors' ``σ(ℓ)·ℓ, ℓ = 1000·MSE`` was sized for raw A/B entries; on ΔW entries,
+    which are orders of magnitude smaller, it contributes almost no gradient (WORKSPACE.md,
+    "Alignment calibration"). ``losses/authors_exact.gin`` restores the authors' exact form;
+    the ``paper`` preset is ``CE + λ1·KL + λ2·alignment`` without the gate.
 
     Attributes:
       ce_weight, kl_weight, standardized_kl_weight, alignment_weight: term weights.
@@ -317,6 +322,9 @@ class LossConfig:
       alignment_scale: ℓ = alignment_scale · alignment.
       alignment_gate: ``sigmoid`` (σ(ℓ)·ℓ, the authors) or ``none`` (ℓ).
       alignment_mode: ``delta`` (ΔW space) or ``authors_swapped`` (fidelity flag).
+      alignment_grad_ratio: when set, the trainer rescales ``alignment_weight`` on the first
+        batch of a fresh run so that ‖∇ alignment term‖ = ratio · ‖∇ ce_weight·CE‖; None keeps
+        ``alignment_weight`` as given.
       label_smoothing, z_loss: of the cross-entropy.
       vocab_size: compare teacher and student on their first ``vocab_size`` columns only.
     """
@@ -328,9 +336,10 @@ class LossConfig:
     temperature: float = 3.0
     kl_scale_by_temperature_squared: bool = False
     kl_average_over_padding: bool = False
-    alignment_scale: float = 1000.0
-    alignment_gate: str = "sigmoid"
+    alignment_scale: float = 1.0
+    alignment_gate: str = "none"
     alignment_mode: str = "delta"
+    alignment_grad_ratio: float | None = 0.25
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     vocab_size: int | None = None
@@ -349,10 +358,24 @@ class LossConfig:
         for name in ("ce_weight", "kl_weight", "standardized_kl_weight", "alignment_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)}")
+        ratio = self.alignment_grad_ratio
+        if ratio is not None and not (ratio > 0 and math.isfinite(ratio)):
+            raise ValueError(f"LossConfig.alignment_grad_ratio must be > 0 or None, got {ratio}")
+
+    def weighted_terms(self) -> tuple[str, ...]:
+        """The names of the terms with a positive weight (``term/<name>`` metrics)."""
+        weights = {
+            "cross_entropy": self.ce_weight,
+            "kl": self.kl_weight,
+            "standardized_kl": self.standardized_kl_weight,
+            "alignment": self.alignment_weight,
+        }
+        return tuple(name for name, weight in weights.items() if weight)
 
     @classmethod
     def paper(cls, kl_weight: float = 1.0, alignment_weight: float = 1.0) -> LossConfig:
-        """Paper Eq. 6, ``L_pred + λ1·L_kl + λ2·L_ins``; the paper never gives λ1, λ2."""
+        """Paper Eq. 6, ``L_pred + λ1·L_kl + λ2·L_ins``; the paper never gives λ1, λ2 (λ2 is
+        calibrated like the default unless ``alignment_grad_ratio=None``)."""
         return cls(
             ce_weight=1.0,
             kl_weight=kl_weight,
@@ -375,6 +398,12 @@ def tagi_loss(
 ):
     """The weighted TAGI objective and every term as a metric.
 
+    Metrics: each term's raw value (``cross_entropy``, ``kl``, ``standardized_kl``,
+    ``alignment``; ``alignment_term`` is the scaled and gated alignment) and its weighted
+    contribution to the loss as ``term/<name>`` (``loss`` is their sum; the trainer
+    differentiates each ``term/`` separately for its gradient share, see
+    ``training.state.term_gradients``).
+
     Terms whose weight is 0 are skipped; a term with a positive weight whose inputs are missing
     is an error (not silently dropped).
     """
@@ -392,6 +421,7 @@ def tagi_loss(
         total += config.ce_weight * ce
         bad += m.pop("nonfinite")
         metrics.update(m)
+        metrics["term/cross_entropy"] = config.ce_weight * ce
     kl_weights = jnp.ones_like(weights) if config.kl_average_over_padding else weights
     for weight, name, fn, kwargs in (
         (
@@ -417,6 +447,7 @@ def tagi_loss(
         total += weight * value
         bad += m["nonfinite"]
         metrics[name] = value
+        metrics[f"term/{name}"] = weight * value
     if config.alignment_weight:
         if generated is None or teacher_adapters is None:
             raise ValueError(
@@ -432,6 +463,7 @@ def tagi_loss(
         bad += m["nonfinite"]
         metrics["alignment"] = align
         metrics["alignment_term"] = term
+        metrics["term/alignment"] = config.alignment_weight * term
     metrics["loss"] = total
     metrics["nonfinite"] = bad
     return total, metrics

@@ -4,7 +4,8 @@ For SNI this is Tk-Instruct (a local Hugging Face directory) or the model our ``
 stage produced (an orbax parameter checkpoint); either loads with ``load_teacher``. Its logits
 come from ``teacher_logits`` under ``stop_gradient``; the training step computes them before,
 not inside, ``jax.value_and_grad``. Student and teacher vocabularies must agree, or be reduced
-explicitly to a shared prefix (``shared_vocab_size``); they are never compared silently.
+explicitly to a shared prefix (``LossConfig.vocab_size``); the KL refuses to compare logits of
+different widths silently.
 """
 
 from __future__ import annotations
@@ -39,30 +40,6 @@ def load_teacher(
         config, params = hf_t5.load(path, mesh=mesh, axis_rules=axis_rules, **config_overrides)
     # A teacher never drops out.
     return LogitTeacher(config.replace(dropout_rate=0.0), params)
-
-
-def shared_vocab_size(
-    student_vocab: int, teacher_vocab: int, configured: int | None = None
-) -> int | None:
-    """The vocabulary prefix to compare: None when the widths agree and nothing is configured.
-
-    Different widths (e.g. a 32100-row Tk-Instruct against a 32128-row T5-LM-adapt) need an
-    explicit ``configured`` size; the rows beyond it are masked out of both distributions.
-    """
-    if configured is not None:
-        if configured <= 0 or configured > min(student_vocab, teacher_vocab):
-            raise ValueError(
-                f"vocab_size={configured} must be in 1..{min(student_vocab, teacher_vocab)} "
-                f"(student {student_vocab} rows, teacher {teacher_vocab})"
-            )
-        return configured
-    if student_vocab != teacher_vocab:
-        raise ValueError(
-            f"teacher vocabulary has {teacher_vocab} rows and the student's {student_vocab}: set "
-            "LossConfig.vocab_size to the tokenizer's size (e.g. 32100) so the extra rows are "
-            "masked instead of compared"
-        )
-    return None
 
 
 def teacher_logits(teacher: LogitTeacher, teacher_input_tokens, decoder_input_tokens):

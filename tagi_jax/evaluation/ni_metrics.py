@@ -1,10 +1,20 @@
-"""SNI metrics as Tk-Instruct computes them: ROUGE-L (``rouge-score``, Porter stemming) and
-exact match after answer normalisation, each the best over an example's references, reported
-in percent per task, per category and overall (tasks weighted by their examples)."""
+"""SNI metrics defined as in the official Super-NaturalInstructions evaluation
+(``eval/automatic/evaluation.py`` of ``allenai/natural-instructions``, default English track),
+which Tk-Instruct and TAGI use:
+
+* **exact match**: both strings lower-cased, every ASCII punctuation character
+  (``string.punctuation``) removed, whitespace collapsed to single spaces, then compared.
+  Articles are *not* removed (unlike SQuAD's normalisation).
+* **ROUGE-L**: the ``rougeL`` F-measure of ``rouge_score.rouge_scorer.RougeScorer(["rougeL"],
+  use_stemmer=True)`` with its default tokenizer (lower-case, non-alphanumerics as separators,
+  Porter stemming of tokens longer than 3 characters).
+
+Each is the maximum over an instance's references; a group's score is the sum over its
+instances divided by their number, times 100. Reported overall, per task and per category.
+(The official script also rounds to 4 decimals; these functions do not round.)"""
 
 from __future__ import annotations
 
-import re
 import string
 from collections import defaultdict
 from collections.abc import Sequence
@@ -12,25 +22,27 @@ from collections.abc import Sequence
 from rouge_score import rouge_scorer
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+_PUNCTUATION = frozenset(string.punctuation)
 
 
 def normalize_answer(text: str) -> str:
-    """Lower case, drop punctuation, articles and extra whitespace (SQuAD-style)."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    """Lower case, drop ASCII punctuation, collapse whitespace; articles are kept."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
     return " ".join(text.split())
 
 
 def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the normalised strings (``normalize_answer``) are equal, else 0.0."""
     return float(normalize_answer(prediction) == normalize_answer(reference))
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    return _SCORER.score(reference, prediction)["rougeL"].fmeasure
+    """ROUGE-L F-measure in [0, 1] (stemmed, default ``rouge-score`` tokenizer)."""
+    return _SCORER.score(target=reference, prediction=prediction)["rougeL"].fmeasure
 
 
 def best_over_references(metric, prediction: str, references: Sequence[str]) -> float:
+    """``max(metric(prediction, ref) for ref in references)``; at least one reference."""
     if not references:
         raise ValueError("an evaluation example has no references")
     return max(metric(prediction, ref) for ref in references)
@@ -42,14 +54,15 @@ def score(
     tasks: Sequence[str],
     categories: Sequence[str],
 ) -> dict:
-    """``{"overall": {...}, "per_task": {task: {...}}, "per_category": {...}}`` with
-    ``rougeL`` and ``exact_match`` in percent and the example count."""
+    """``{"overall": {...}, "per_task": {task: {...}}, "per_category": {...}}``, each with
+    ``rougeL`` and ``exact_match`` in percent (100 × the mean over the group's instances of the
+    best score over that instance's references) and the instance ``count``."""
     if not len(predictions) == len(references) == len(tasks) == len(categories):
         raise ValueError("predictions, references, tasks and categories differ in length")
     groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for pred, refs, task, category in zip(predictions, references, tasks, categories, strict=True):
-        r = 100.0 * best_over_references(rouge_l, pred, refs)
-        e = 100.0 * best_over_references(exact_match, pred, refs)
+        r = best_over_references(rouge_l, pred, refs)
+        e = best_over_references(exact_match, pred, refs)
         for key in ("overall", f"task:{task}", f"category:{category}"):
             groups[key]["rougeL"].append(r)
             groups[key]["exact_match"].append(e)
@@ -57,8 +70,8 @@ def score(
     def summary(values):
         n = len(values["rougeL"])
         return {
-            "rougeL": sum(values["rougeL"]) / n,
-            "exact_match": sum(values["exact_match"]) / n,
+            "rougeL": 100.0 * sum(values["rougeL"]) / n,
+            "exact_match": 100.0 * sum(values["exact_match"]) / n,
             "count": n,
         }
 

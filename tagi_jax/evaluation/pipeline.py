@@ -19,11 +19,15 @@ input (missing export or data directory, unknown split, ...) is one ``error:`` l
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import time
 
 import gin
+
+from tagi_jax import gin_check
+from tagi_jax.data.ni import NIConfig
 
 
 def _summary(results: dict) -> dict:
@@ -100,30 +104,33 @@ def evaluate(
     output_dir: str = gin.REQUIRED,
     task_dir: str = gin.REQUIRED,
     split: str = "test",
-    student_input: str = "definition_and_input",
-    num_pos_examples: int = 2,
+    ni: NIConfig | None = None,
     vocabulary: str = "byte",
     input_length: int = 1024,
     instruction_length: int = 1024,
     max_decode_len: int = 128,
     batch_size: int = 32,
-    max_instances_per_task: int | None = None,
     compare_base: bool = False,
 ) -> dict:
     """Evaluates the export in ``export_dir`` on ``split`` of ``task_dir``; returns what
     ``results.json`` holds.
 
-    ``student_input``: as ``ni.NIConfig.student_input`` (what the adapted model reads).
-    ``num_pos_examples``: demonstrations in the instruction (2: Def + 2 Pos; 0: Definition only).
-    ``max_instances_per_task``: None keeps the split's standard evaluation instances (the first
-    100 of each task; for ``train``, the seeded draw training uses).
+    ``ni``: how the examples are formatted, the same ``NIConfig`` training uses (default: the
+    gin-configured one, ``NIConfig.<field>`` in the run file): ``student_input`` (what the
+    adapted model reads), ``num_pos_examples`` (demonstrations in the instruction; unset: Def +
+    2 Pos), ``eval_instances_per_task`` (the first 100 of each task; on the ``train`` split
+    ``max_train_instances_per_task``, the seeded draw training uses), ``max_source_length``
+    (Tk-Instruct's budget, in ``vocabulary``'s tokens).
     ``compare_base``: also decode with the backbone alone (no adapters, no instruction).
     """
-    from tagi_jax import export
-    from tagi_jax.data import ni
+    from tagi_jax import configurables, export
+    from tagi_jax.data import ni as ni_lib
     from tagi_jax.data import vocab as vocab_lib
     from tagi_jax.evaluation import ni_eval
 
+    # Built before the check, so that NIConfig's bindings count as read by this stage.
+    ni = ni if ni is not None else configurables.ni_config()
+    gin_check.check_bindings_used("evaluate")
     start = time.time()
     export_dir, task_dir = os.path.abspath(export_dir), os.path.abspath(task_dir)
     output_dir = os.path.abspath(output_dir)
@@ -133,19 +140,18 @@ def evaluate(
         raise FileNotFoundError(f"task directory does not exist: {task_dir}")
     if batch_size < 1:
         raise ValueError(f"evaluate.batch_size must be >= 1, got {batch_size}")
-    if max_instances_per_task is not None and max_instances_per_task < 1:
-        raise ValueError("evaluate.max_instances_per_task must be >= 1 or None")
-    ni.read_split(task_dir, split)  # an unknown split fails here, naming the files looked for
-    fields = {"student_input": student_input, "num_pos_examples": num_pos_examples}
-    if max_instances_per_task is not None:
-        fields |= {
-            "eval_instances_per_task": max_instances_per_task,
-            "max_train_instances_per_task": max_instances_per_task,
-        }
-    examples = list(ni.iter_examples(task_dir, split, ni.NIConfig(**fields)))
+    budget = ni.max_source_length
+    if budget is not None and ni.student_input == "teacher_source" and input_length < budget:
+        raise ValueError(
+            f"evaluate.input_length={input_length} is shorter than NIConfig.max_source_length="
+            f"{budget}: the student's source would lose its input after the budget dropped "
+            "demonstrations to keep it"
+        )
+    ni_lib.read_split(task_dir, split)  # an unknown split fails here, naming the files looked for
+    vocab = vocab_lib.from_name(vocabulary)
+    examples = list(ni_lib.iter_examples(task_dir, split, ni, vocabulary=vocab))
 
     model, params = export.load_export(export_dir)
-    vocab = vocab_lib.from_name(vocabulary)
     if vocab.vocab_size > model.t5.vocab_size:
         raise ValueError(
             f"vocabulary {vocabulary!r} has {vocab.vocab_size} ids, the exported model "
@@ -181,13 +187,11 @@ def evaluate(
         "task_dir": task_dir,
         "split": split,
         "settings": {
-            "student_input": student_input,
-            "num_pos_examples": num_pos_examples,
+            "ni": {**dataclasses.asdict(ni), "num_pos_examples": ni.pos_examples},
             "vocabulary": vocabulary,
             "input_length": input_length,
             "instruction_length": instruction_length,
             "max_decode_len": max_decode_len,
-            "max_instances_per_task": max_instances_per_task,
         },
     }
     report = write_report(

@@ -84,14 +84,21 @@ class Dense(nn.Module):
     kernel_init: Any = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
     @nn.compact
-    def __call__(self, x, lora=None):
-        """``lora``: optional per-example ``(A [batch, in, r], B [batch, r, out])``."""
+    def __call__(self, x, lora=None, num_outputs: int | None = None):
+        """``lora``: optional per-example ``(A [batch, in, r], B [batch, r, out])``.
+
+        ``num_outputs``: compute only the first ``num_outputs`` output columns (the kernel is
+        sliced before the matmul; the parameter keeps all ``features`` columns)."""
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
             (x.shape[-1], self.features),
             self.param_dtype,
         )
+        if num_outputs is not None and num_outputs != self.features:
+            kernel = kernel[:, :num_outputs]
+            if lora is not None:
+                lora = (lora[0], lora[1][..., :num_outputs])
         y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
         if lora is not None:
             y = lora_lib.apply(x, y, lora, self.dtype)
@@ -118,9 +125,12 @@ class Embed(nn.Module):
         out = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
         return constrain(out, ("batch", "length", "embed"))
 
-    def attend(self, x):
-        """Logits against the embedding table (tied head)."""
-        return jnp.einsum("...e,ve->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))
+    def attend(self, x, num_rows: int | None = None):
+        """Logits against the embedding table (tied head); ``num_rows``: only the first rows."""
+        embedding = self.embedding
+        if num_rows is not None and num_rows != self.num_embeddings:
+            embedding = embedding[:num_rows]
+        return jnp.einsum("...e,ve->...v", x.astype(self.dtype), embedding.astype(self.dtype))
 
 
 # --- relative positions -------------------------------------------------------------------

@@ -4,7 +4,9 @@ The Linen modules below define the network; callers use the functions at the bot
 
 * ``init_params(config, rng)``: a fresh parameter pytree (plain arrays).
 * ``param_logical_axes(config)``: the same tree holding a logical ``PartitionSpec`` per leaf.
-* ``forward(config, params, encoder_input_tokens, decoder_input_tokens, ...)``: float32 logits.
+* ``forward(config, params, encoder_input_tokens, decoder_input_tokens, ...)``: float32 logits,
+  ``config.logits_width`` wide (``vocab_size``, or ``logits_vocab_size`` when that is set: the
+  head is then sliced to the tokenizer's ids before the matmul and never predicts the rest).
 * ``encode`` / ``decode``: the two halves of ``forward``.
 * ``greedy_decode(config, params, encoder_input_tokens, max_decode_len=...)``: jit-compiled
   greedy search with a key/value cache.
@@ -196,8 +198,10 @@ class Decoder(nn.Module):
         if cfg.scale_decoder_outputs:
             # T5 v1.0 rescales before its tied head (as Mesh TensorFlow does).
             x = x * (cfg.d_model**-0.5)
+        # With logits_vocab_size the head's rows/columns past the tokenizer are sliced off
+        # before the matmul: logits are [..., logits_width] and those ids are never predicted.
         if cfg.tie_word_embeddings:
-            logits = self.embedder.attend(x)
+            logits = self.embedder.attend(x, num_rows=cfg.logits_vocab_size)
         else:
             logits = layers.Dense(
                 cfg.vocab_size,
@@ -206,7 +210,7 @@ class Decoder(nn.Module):
                 param_dtype=pdtype,
                 kernel_init=nn.initializers.normal(stddev=cfg.d_model**-0.5),
                 name="logits_dense",
-            )(x)
+            )(x, num_outputs=cfg.logits_vocab_size)
         logits = layers.constrain(logits, ("batch", "length", "vocab"))
         return logits.astype(jnp.float32)
 
@@ -348,7 +352,7 @@ def decode(
     adapters=None,
     dropout_rng=None,
 ):
-    """Teacher-forced decoder logits (float32 ``[batch, target_len, vocab]``).
+    """Teacher-forced decoder logits (float32 ``[batch, target_len, config.logits_width]``).
 
     ``memory_tokens`` are the token ids behind ``encoded`` (only their padding is used), so a
     fused memory such as ``[instruction ; input]`` passes its concatenated ids.
@@ -377,7 +381,7 @@ def forward(
     adapters=None,
     dropout_rng=None,
 ):
-    """Logits (float32 ``[batch, target_len, vocab]``) of teacher-forced T5.
+    """Logits (float32 ``[batch, target_len, config.logits_width]``) of teacher-forced T5.
 
     Dropout runs only when ``dropout_rng`` is given. ``adapters`` (``lora.LoraAdapters``, one
     row per example) add per-example LoRA terms to the targeted projections.
@@ -439,7 +443,8 @@ def decode_step(
     position,
     adapters=None,
 ):
-    """Logits ``[batch, vocab]`` for ``tokens`` ``[batch, 1]`` at ``position``, and the new cache."""
+    """Logits ``[batch, config.logits_width]`` for ``tokens`` ``[batch, 1]`` at ``position``,
+    and the new cache."""
     model = T5(config, decode=True)
     logits, variables = model.apply(
         {"params": params, "cache": cache},

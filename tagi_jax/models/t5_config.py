@@ -26,6 +26,14 @@ class T5Config:
 
     Attributes:
       vocab_size: rows of the token embedding (32128 for Google's checkpoints, 32100 for some).
+      logits_vocab_size: when set, the output head covers only the first ``logits_vocab_size``
+        ids (the tokenizer's size, 32100 for T5's SentencePiece model) and the remaining
+        embedding rows are never predicted: logits are ``[..., logits_vocab_size]``, so the
+        cross-entropy, the KL and greedy decoding never see the padding ids. The head's kernel
+        (or, tied, the embedding) is sliced before the matmul, which equals the authors'
+        ``resize_token_embeddings(len(tokenizer))`` (tagi_spec.md §2.1) while the parameters
+        keep their checkpoint shape. None (the default, and what a Hugging Face config.json
+        gives) predicts all ``vocab_size`` rows.
       d_model: width of the residual stream.
       d_kv: width of one attention head.
       d_ff: width of the FFN hidden layer.
@@ -55,6 +63,7 @@ class T5Config:
     """
 
     vocab_size: int = 32128
+    logits_vocab_size: int | None = None
     d_model: int = 512
     d_kv: int = 64
     d_ff: int = 1024
@@ -94,6 +103,14 @@ class T5Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"T5Config.{name} must be a positive integer, got {value!r}")
+        n = self.logits_vocab_size
+        if n is not None and (
+            not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.vocab_size
+        ):
+            raise ValueError(
+                f"T5Config.logits_vocab_size must be None or an integer in 1..vocab_size="
+                f"{self.vocab_size}, got {n!r}"
+            )
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if self.dense_act_fn not in ACTIVATIONS:
@@ -112,6 +129,11 @@ class T5Config:
     def inner_dim(self) -> int:
         """Width of the joined heads (``num_heads * d_kv``), the ``joined_kv`` axis."""
         return self.num_heads * self.d_kv
+
+    @property
+    def logits_width(self) -> int:
+        """Number of logit columns (ids the head can predict): ``logits_vocab_size`` if set."""
+        return self.vocab_size if self.logits_vocab_size is None else self.logits_vocab_size
 
     def replace(self, **changes: Any) -> T5Config:
         return dataclasses.replace(self, **changes)
@@ -179,7 +201,10 @@ class T5Config:
         return cls(**values)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The ``config.json`` that ``transformers.T5Config`` reads back into this shape."""
+        """The ``config.json`` that ``transformers.T5Config`` reads back into this shape.
+
+        ``logits_vocab_size`` has no Hugging Face field: there the head predicts all
+        ``vocab_size`` rows."""
         if self.is_gated_act:
             proj = "gated-gelu" if self.dense_act_fn == "gelu_new" else f"gated-{self.dense_act_fn}"
         else:

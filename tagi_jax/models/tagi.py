@@ -128,8 +128,12 @@ def param_logical_axes(config: TagiConfig) -> Params:
 
 def encode_instruction(config: TagiConfig, params: Params, instruction_tokens, *, dropout_rng=None):
     """Instruction states ``[batch, length, width]`` and the first block's (for the authors'
-    pooling; else None). Under ``stop_gradient`` unless the encoder trains."""
+    pooling; else None). A frozen encoder (``train_instruction_encoder=False``) runs without
+    dropout and under ``stop_gradient``, as the authors encode instructions (under ``no_grad``
+    in eval mode); ``dropout_rng`` only reaches an encoder that trains."""
     enc_config = _instruction_encoder_config(config)
+    if not config.hyper.train_instruction_encoder:
+        dropout_rng = None
     if config.hyper.instruction_encoder == "separate":
         enc_params = params["instruction_encoder"]
     else:

@@ -1,8 +1,8 @@
 """Configuration of the TAGI model: the hypernetwork, fusion and what trains.
 
 Frozen dataclasses, validated on construction so that a bad gin binding fails when the config
-is built and names the field. Two presets (``tagi_jax/models/presets.py`` and
-``gin_configs/methods/``): ``paper`` (the default values here) and ``authors_code``.
+is built and names the field. Two presets in ``gin_configs/methods/``: ``paper.gin`` (the
+default values here) and ``authors_code.gin``.
 """
 
 from __future__ import annotations

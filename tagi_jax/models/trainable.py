@@ -1,4 +1,5 @@
-"""Which TAGI parameters train: path-pattern labels for ``optax.multi_transform``.
+"""Which TAGI parameters train: a boolean mask from path patterns (the trainer splits the
+parameters by it, ``training.state.partition``).
 
 Presets (``TagiConfig.trainable``):
 
@@ -21,8 +22,6 @@ import re
 import jax
 
 from tagi_jax.models.tagi_config import TagiConfig
-
-TRAINABLE, FROZEN = "trainable", "frozen"
 
 
 def path_string(keypath) -> str:
@@ -56,11 +55,6 @@ def trainable_mask(config: TagiConfig, params):
         return any(p.search(path) for p in keep) and not any(p.search(path) for p in drop)
 
     return jax.tree_util.tree_map_with_path(decide, params)
-
-
-def labels(config: TagiConfig, params):
-    """``"trainable"``/``"frozen"`` per parameter, for ``optax.multi_transform``."""
-    return jax.tree.map(lambda t: TRAINABLE if t else FROZEN, trainable_mask(config, params))
 
 
 def stop_frozen_gradients(params, mask):

@@ -40,7 +40,8 @@ def decoder_flops(config: T5Config, tokens: int, length: int, memory: int, memor
     )
     cross_kv = 2 * d * inner * memory_tokens  # k and v of the encoder states, once per layer
     layers = config.num_decoder_layers
-    return 2 * (tokens * per_token + cross_kv) * layers + 2 * tokens * d * config.vocab_size
+    # The output head computes logits_width columns (logits_vocab_size when that is set).
+    return 2 * (tokens * per_token + cross_kv) * layers + 2 * tokens * d * config.logits_width
 
 
 def train_step_flops(

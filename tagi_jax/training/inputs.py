@@ -19,6 +19,7 @@ import gin
 import jax
 import numpy as np
 
+from tagi_jax.data import ni as ni_lib
 from tagi_jax.parallel import partitioning
 
 MODEL_FEATURES = (
@@ -28,6 +29,14 @@ MODEL_FEATURES = (
     "decoder_target_tokens",
     "decoder_loss_weights",
 )
+
+
+def configured_ni() -> ni_lib.NIConfig:
+    """The gin-configured ``NIConfig`` (``NIConfig.<field> = ...`` in a run file): the default of
+    ``DataConfig.ni``, so such a binding always reaches the data, never silently ignored."""
+    from tagi_jax import configurables  # registers NIConfig; imports the model configs
+
+    return configurables.ni_config()
 
 
 @gin.configurable("DataConfig")
@@ -42,9 +51,10 @@ class DataConfig:
       sni_dir, suite_dir, p3_dir: natural-instructions / built-in suite / P3 directories.
       c4_files: local C4 JSON(L) files for hyper-pretraining; or ``c4_tfds_dir`` (TFDS c4/en).
       vocabulary: ``byte`` or a SentencePiece path (a checkpoint directory or spiece.model).
-      student_input: how the student's input is built for natural-instructions data
-        (``definition_and_input``, ``input_only``, ``teacher_source``: the metatrain input).
-      max_train_instances_per_task: the paper's 100 per SNI task; None for all.
+      ni: how natural-instructions data (SNI, the suite) becomes examples, for training and the
+        LoRA-teacher stage alike: the gin-configured ``NIConfig`` unless given. The task name's
+        variant (``_def``, ``_def_pos2``) picks the demonstrations; ``NIConfig`` may leave
+        ``num_pos_examples`` unset or agree, never contradict it.
     """
 
     task: str = gin.REQUIRED
@@ -60,23 +70,38 @@ class DataConfig:
     c4_files: tuple[str, ...] | None = None
     c4_tfds_dir: str | None = None
     vocabulary: str = "byte"
-    student_input: str = "definition_and_input"
-    max_train_instances_per_task: int | None = 100
+    ni: ni_lib.NIConfig = dataclasses.field(default_factory=configured_ni)
+
+    def __post_init__(self):
+        if ni_lib.task_variant(self.task) is None:
+            return  # P3 and C4 tasks: NIConfig does not apply
+        ni_lib.for_task(self.ni, self.task)  # a contradicting num_pos_examples fails here
+        budget = self.ni.max_source_length
+        if budget is None:
+            return
+        # The budget keeps the source's `Input: ... Output:` tail by dropping demonstrations;
+        # a shorter feature length would then trim that tail off the end after all.
+        streams = ["teacher_inputs"]
+        if self.ni.student_input == "teacher_source":
+            streams.append("inputs")
+        lengths = dict(self.feature_lengths)
+        short = {k: lengths[k] for k in streams if k in lengths and lengths[k] < budget}
+        if short:
+            raise ValueError(
+                f"DataConfig.feature_lengths {short} are shorter than NIConfig.max_source_length="
+                f"{budget}: the trim would cut the source's input off after the budget dropped "
+                "demonstrations to keep it; make them at least the budget"
+            )
+
+    def ni_for_task(self) -> ni_lib.NIConfig:
+        """``ni`` with the demonstrations of this natural-instructions task's variant."""
+        return ni_lib.for_task(self.ni, self.task)
 
 
 def make_vocabulary(data: DataConfig):
     from tagi_jax.data import vocab
 
     return vocab.from_name(data.vocabulary)
-
-
-def _ni_config(data: DataConfig):
-    from tagi_jax.data import ni
-
-    return ni.NIConfig(
-        student_input=data.student_input,
-        max_train_instances_per_task=data.max_train_instances_per_task,
-    )
 
 
 def check_paths(data: DataConfig) -> None:
@@ -101,7 +126,7 @@ def register_data(data: DataConfig, vocabulary) -> None:
         p3_dir=data.p3_dir,
         c4_files=list(data.c4_files) if data.c4_files else None,
         c4_tfds_dir=data.c4_tfds_dir,
-        sni_config=_ni_config(data),
+        sni_config=data.ni,
     )
 
 
@@ -136,10 +161,9 @@ def teacher_group_names(data: DataConfig, group_by: str) -> list[str]:
         raise ValueError(f"group_by={group_by!r} is not task/category")
     ni_dir = data.sni_dir or data.suite_dir
     if data.task.startswith(("tagi_sni", "tagi_suite")) and ni_dir is not None:
-        from tagi_jax.data import ni
-
-        tasks = ni.load_split(ni_dir, "train", _ni_config(data))
-        return [name for name, _ in tasks] if group_by == "task" else ni.categories(tasks)
+        # data.ni's on_error decides which tasks exist, as for the batches' task ids
+        tasks = ni_lib.load_split(ni_dir, "train", data.ni)
+        return [name for name, _ in tasks] if group_by == "task" else ni_lib.categories(tasks)
     if "_p3_" in data.task and data.p3_dir is not None:
         from tagi_jax.data import p3_tasks
 

@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from tagi_jax import gin_check
 from tagi_jax.distill import losses
 from tagi_jax.distill import teacher as teacher_lib
 from tagi_jax.models import lora, tagi, trainable
@@ -63,7 +64,7 @@ def load_base(path: str, mesh=None):
     return hf_t5.load(path, mesh=mesh)
 
 
-def _teacher_path(path: str) -> str:
+def teacher_path(path: str) -> str:
     """A finished run's model_dir stands for its exported backbone."""
     exported = os.path.join(path, EXPORT_DIR, "t5")
     return exported if os.path.isdir(exported) else path
@@ -100,6 +101,8 @@ def _write_run_files(model_dir, model, data, paths, seed, batch_size, train_step
             "base_checkpoint": paths["base_checkpoint"]
             and os.path.abspath(paths["base_checkpoint"]),
             "init_from": paths["init_from"] and os.path.abspath(paths["init_from"]),
+            "instruction_encoder_checkpoint": paths["instruction_encoder_checkpoint"]
+            and os.path.abspath(paths["instruction_encoder_checkpoint"]),
             "seed": seed,
             "data": dataclasses.asdict(data),
             "batch_size": batch_size,
@@ -108,21 +111,125 @@ def _write_run_files(model_dir, model, data, paths, seed, batch_size, train_step
     )
 
 
-def sharded_params(model: TagiConfig, mesh, rules, seed: int, base, init_from=None):
+CALIBRATION_FILE = "alignment_calibration.json"  # <model_dir>/: the calibrated alignment weight
+
+
+def calibrate_alignment(loss: losses.LossConfig) -> bool:
+    return bool(loss.alignment_weight) and loss.alignment_grad_ratio is not None
+
+
+def _calibrated_loss(loss, model_dir, start, main, jit_term_gradients, state, frozen, batch):
+    """``loss`` with ``alignment_weight`` set so that, on the first batch of the run, the
+    alignment's gradient norm is ``alignment_grad_ratio`` times the weighted CE's. Measured
+    once (before the first update, on the state the run starts from) and written to
+    ``CALIBRATION_FILE``; a resumed run reads it back, so the objective never changes midway."""
+    path = os.path.join(model_dir, CALIBRATION_FILE)
+    if start > 0:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} is missing: this run calibrated its alignment weight at step 0 and "
+                "cannot resume with the same objective without it"
+            )
+        with open(path) as f:
+            weight = float(json.load(f)["alignment_weight"])
+        return dataclasses.replace(loss, alignment_weight=weight)
+    if not loss.ce_weight:
+        raise ValueError(
+            "LossConfig.alignment_grad_ratio calibrates the alignment against the cross-entropy, "
+            "but LossConfig.ce_weight is 0; set alignment_grad_ratio=None and a fixed weight"
+        )
+    norms = jax.device_get(jit_term_gradients(loss)(state, frozen, batch))
+    ce, align = float(norms["grad_norm/cross_entropy"]), float(norms["grad_norm/alignment"])
+    if not (np.isfinite(ce) and np.isfinite(align) and align > 0 and ce > 0):
+        raise FloatingPointError(
+            f"cannot calibrate the alignment weight on the first batch: gradient norms CE {ce}, "
+            f"alignment {align} (no example with a LoRA teacher in it?); set "
+            "LossConfig.alignment_grad_ratio=None and a fixed LossConfig.alignment_weight"
+        )
+    weight = loss.alignment_weight * loss.alignment_grad_ratio * ce / align
+    record = {
+        "alignment_weight": weight,
+        "alignment_grad_ratio": loss.alignment_grad_ratio,
+        "first_batch": {k: float(v) for k, v in norms.items()},
+        "configured_alignment_weight": loss.alignment_weight,
+    }
+    if main:
+        checkpointing.write_json(path, record)
+        print(
+            f"alignment weight calibrated to {weight:.4g}: at the start its gradient norm was "
+            f"{align / ce:.3g} x CE's at weight {loss.alignment_weight:g}, now "
+            f"{loss.alignment_grad_ratio:g} x (written to {path})",
+            flush=True,
+        )
+    return dataclasses.replace(loss, alignment_weight=weight)
+
+
+def sharded_params(
+    model: TagiConfig, mesh, rules, seed: int, base, init_from=None, instruction_encoder=None
+):
     """The student's parameters, created already sharded: ``jax.eval_shape`` of the init gives
     the shapes, the logical axes the shardings, and the jitted init writes each shard in place
-    (a large model never exists whole on one device). The base, if given, is grafted in;
-    ``init_from`` (a finished run, e.g. hypernetwork pretraining) replaces everything."""
+    (a large model never exists whole on one device). The base and a separate instruction
+    encoder (a T5 tree; its decoder is dropped), if given, are grafted in; ``init_from`` (a
+    finished run, e.g. hypernetwork pretraining) replaces everything."""
     shardings = partitioning.logical_to_shardings(tagi.param_logical_axes(model), mesh, rules)
     if init_from is not None:
         return _restore_exported(init_from, model, shardings), shardings
 
-    def init(key, base_params):
-        return tagi.init_params(model, key, t5_params=base_params)
+    def init(key, base_params, encoder_params):
+        return tagi.init_params(
+            model, key, t5_params=base_params, instruction_encoder_params=encoder_params
+        )
 
     with partitioning.use_mesh(mesh, rules):
-        params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed), base)
+        params = jax.jit(init, out_shardings=shardings)(
+            jax.random.key(seed), base, instruction_encoder
+        )
     return params, shardings
+
+
+def instruction_encoder_source(
+    model: TagiConfig, instruction_encoder_checkpoint, teacher_checkpoint, init_from
+) -> str | None:
+    """Where a ``separate`` instruction encoder's weights come from: the named checkpoint, else
+    the logit teacher (the authors' collator encodes instructions with the teacher's encoder,
+    tagi_spec.md §4.1). None when the backbone encodes instructions or ``init_from`` brings a
+    trained student whole. A frozen encoder left at random initialisation would feed the
+    hypernetwork noise, so a preset that needs one and gets none is an error."""
+    if model.hyper.instruction_encoder != "separate":
+        if instruction_encoder_checkpoint is not None:
+            raise ValueError(
+                "train.instruction_encoder_checkpoint is set but HyperConfig.instruction_encoder "
+                "is 'backbone' (the student's own encoder reads the instruction)"
+            )
+        return None
+    if init_from is not None:
+        return None
+    source = instruction_encoder_checkpoint or teacher_checkpoint
+    if source is None:
+        raise ValueError(
+            "HyperConfig.instruction_encoder='separate' (e.g. methods/authors_code.gin) needs "
+            "the weights of that encoder: set train.instruction_encoder_checkpoint (or "
+            "train.teacher_checkpoint, whose encoder is used by default, as the authors do)"
+        )
+    return source
+
+
+def _load_instruction_encoder(model: TagiConfig, path: str, mesh):
+    config, params = load_base(teacher_path(path), mesh)
+    want = model.instruction_t5
+    if (config.d_model, config.num_layers, config.vocab_size) != (
+        want.d_model,
+        want.num_layers,
+        want.vocab_size,
+    ):
+        raise ValueError(
+            f"the instruction encoder in {path} (d_model {config.d_model}, "
+            f"{config.num_layers} encoder layers, vocab {config.vocab_size}) does not "
+            f"fit TagiConfig.instruction_encoder_t5 (d_model {want.d_model}, "
+            f"{want.num_layers} layers, vocab {want.vocab_size})"
+        )
+    return params
 
 
 class _TeacherAdapters:
@@ -178,8 +285,10 @@ def train(
     base_checkpoint: str | None = None,
     teacher_checkpoint: str | None = None,
     teacher_lora_bank: str | None = None,
+    instruction_encoder_checkpoint: str | None = None,
     init_from: str | None = None,
     on_nonfinite: str = "stop",
+    log_term_gradients: bool = True,
     stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Trains until ``train_steps`` (resuming from ``model_dir``); returns the last metrics.
@@ -189,11 +298,16 @@ def train(
     ``base_checkpoint``: the frozen backbone (HF dir, parameter checkpoint or a finished run);
     ``init_from``: a finished run of the same architecture whose exported student is the start
     (the hypernetwork pretraining -> fine-tuning hand-off); ``teacher_checkpoint``: the logit
-    teacher; ``teacher_lora_bank``: the ``lora_teachers`` stage's bank file.
+    teacher; ``teacher_lora_bank``: the ``lora_teachers`` stage's bank file;
+    ``instruction_encoder_checkpoint``: the weights of a ``separate`` instruction encoder
+    (default: the teacher's encoder; see ``instruction_encoder_source``).
     ``on_nonfinite``: ``stop`` (raise, naming the step; the last good checkpoint stays) or
-    ``skip`` (drop the batch and go on). ``stop_after`` ends this process's work after that
+    ``skip`` (drop the batch and go on). ``log_term_gradients``: with more than one weighted
+    loss term, log each term's gradient norm and share (``state.term_gradients``) at every
+    logging step (about one extra step's compute per term there). ``stop_after`` ends this process's work after that
     many steps (tests use it to simulate a kill).
     """
+    gin_check.check_bindings_used("train")
     # Without teachers (the default) the objective is the cross-entropy alone.
     loss = loss or losses.LossConfig(ce_weight=1.0, kl_weight=0.0, alignment_weight=0.0)
     optimizer = optimizer or optim.OptimizerConfig()
@@ -201,8 +315,15 @@ def train(
         "base_checkpoint": base_checkpoint,
         "teacher_checkpoint": teacher_checkpoint,
         "teacher_lora_bank": teacher_lora_bank,
+        "instruction_encoder_checkpoint": instruction_encoder_checkpoint,
         "init_from": init_from,
     }
+    # Resolved here (the teacher's encoder by default) and recorded in run.json as such, so
+    # export and evaluation rebuild the same frozen encoder.
+    encoder_source = instruction_encoder_source(
+        model, instruction_encoder_checkpoint, teacher_checkpoint, init_from
+    )
+    paths["instruction_encoder_checkpoint"] = encoder_source
     _check_args(batch_size, grad_accum_steps, on_nonfinite, loss, paths)
     inputs.check_paths(data)  # a missing data directory fails before any model work
     distributed_lib.initialize(distributed)
@@ -219,11 +340,15 @@ def train(
     rules = partitioning.DEFAULT_RULES
     scalar = NamedSharding(mesh, PartitionSpec())
     # --- parameters and state, created sharded -------------------------------------------
-    base = None
+    base = encoder = None
     if base_checkpoint is not None and init_from is None:
         base = load_base(base_checkpoint, mesh)[1]
-    params, param_shardings = sharded_params(model, mesh, rules, seed, base, init_from)
-    del base
+    if encoder_source is not None:
+        encoder = _load_instruction_encoder(model, encoder_source, mesh)
+    params, param_shardings = sharded_params(
+        model, mesh, rules, seed, base, init_from, instruction_encoder=encoder
+    )
+    del base, encoder
     mask = trainable.trainable_mask(model, params)
     structure = jax.tree.structure(params)
     train_params, frozen = state_lib.partition(params, mask)
@@ -268,7 +393,7 @@ def train(
     # --- teachers ------------------------------------------------------------------------
     teacher_fn = None
     if loss.kl_weight or loss.standardized_kl_weight:
-        teacher = teacher_lib.load_teacher(_teacher_path(teacher_checkpoint), mesh=mesh)
+        teacher = teacher_lib.load_teacher(teacher_path(teacher_checkpoint), mesh=mesh)
         logits_sharding = partitioning.named_sharding(mesh, ("batch", "length", "vocab"), rules)
         teacher_jit = jax.jit(
             lambda p, t, d: teacher_lib.teacher_logits(
@@ -280,15 +405,26 @@ def train(
     teacher_adapters = None
     if loss.alignment_weight:
         teacher_adapters = _TeacherAdapters(teacher_lora_bank, data, mesh, rules)
+
     # --- the step: one jitted pure function, explicit shardings, donated state -------------
-    step_config = state_lib.StepConfig(model, loss, grad_accum_steps=grad_accum_steps)
-    step_jit = jax.jit(
-        functools.partial(state_lib.train_step, step_config, tx, structure),
-        in_shardings=(state_shardings, frozen_shardings, None),  # batch: as placed (rows on data)
-        out_shardings=(state_shardings, scalar),
-        donate_argnums=(0,),
-    )
-    compiled = None
+    def jit_step(objective):
+        step_config = state_lib.StepConfig(model, objective, grad_accum_steps=grad_accum_steps)
+        return jax.jit(
+            functools.partial(state_lib.train_step, step_config, tx, structure),
+            in_shardings=(state_shardings, frozen_shardings, None),  # batch: rows on data
+            out_shardings=(state_shardings, scalar),
+            donate_argnums=(0,),
+        )
+
+    def jit_term_gradients(objective):
+        step_config = state_lib.StepConfig(model, objective, grad_accum_steps=grad_accum_steps)
+        return jax.jit(
+            functools.partial(state_lib.term_gradients, step_config, structure),
+            in_shardings=(state_shardings, frozen_shardings, None),
+            out_shardings=scalar,
+        )
+
+    compiled = term_gradients = None
     skipped = 0  # consecutive non-finite batches (on_nonfinite="skip")
     batches = train_batches(
         data, batch_size, seed, skip=position, with_teacher=teacher_fn is not None
@@ -312,7 +448,13 @@ def train(
                 if teacher_adapters is not None:
                     batch.update(teacher_adapters(numpy_batch))
                 if compiled is None:
-                    compiled = step_jit.lower(state, frozen, batch).compile()
+                    if calibrate_alignment(loss):
+                        loss = _calibrated_loss(
+                            loss, model_dir, start, main, jit_term_gradients, state, frozen, batch
+                        )
+                    compiled = jit_step(loss).lower(state, frozen, batch).compile()
+                    if log_term_gradients and len(loss.weighted_terms()) > 1:
+                        term_gradients = jit_term_gradients(loss)
                     flops = train_step_flops(
                         model,
                         batch_size,
@@ -330,9 +472,15 @@ def train(
                         flops_per_step=flops,
                         peak_flops=peak,
                     )
+                logging_step = (step + 1) % log_every == 0 or step + 1 == train_steps
+                shares = {}
+                if term_gradients is not None and logging_step:
+                    # on the state before the update, like the step's own gradient
+                    shares = jax.device_get(term_gradients(state, frozen, batch))
                 state, metrics = compiled(state, frozen, batch)
                 # Reading the metrics blocks on the step: queued CPU collectives deadlock.
                 values = {k: float(v) for k, v in metrics.items()}
+                values.update({k: float(v) for k, v in shares.items()})
                 if values["update_skipped"]:
                     if on_nonfinite == "stop":
                         raise FloatingPointError(
@@ -412,11 +560,6 @@ def export_params(model_dir: str, model: TagiConfig, params) -> str:
         os.replace(tmp, target)
     multihost_utils.sync_global_devices("export: moved")
     return target
-
-
-def load_exported(model_dir: str, model: TagiConfig):
-    """The whole student ``export_params`` wrote, for evaluation."""
-    return _restore_exported(model_dir, model, None)
 
 
 def _restore_exported(model_dir: str, model: TagiConfig, shardings):

@@ -2,8 +2,7 @@
 
 ``make_optimizer(config)`` is gradient clipping + AdamW or Adafactor on the chosen schedule.
 The trainer applies it to the trainable partition only (``training.state.partition``), so the
-frozen base never gets optimizer state. For a whole parameter tree, ``make_masked_optimizer``
-wraps it in ``optax.multi_transform`` with ``tagi_jax.models.trainable.labels``.
+frozen base never gets optimizer state.
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ import math
 import jax.numpy as jnp
 import optax
 
-from tagi_jax.models.trainable import FROZEN, TRAINABLE
-
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("constant", "linear_warmup", "log_warmup_constant", "cosine")
 
@@ -25,10 +22,14 @@ class OptimizerConfig:
     """Attributes:
     name: ``adamw`` (the authors) or ``adafactor`` (t5x/HINT, C4 pretraining).
     learning_rate: peak rate.
-    schedule: ``constant``; ``linear_warmup`` (then constant); ``log_warmup_constant`` (the
-      authors' DeepSpeed WarmupLR: lr·log(step+1)/log(warmup), then constant); ``cosine``
+    schedule: ``constant``; ``linear_warmup`` (linear from 0 to lr over the warmup, then
+      constant: the paper's Table 8 "linear warmup rate 0.02", which states no decay);
+      ``log_warmup_constant`` (the authors' released runs: DeepSpeed's WarmupLR overrides HF's
+      scheduler, lr·log(step+1)/log(warmup), then constant; tagi_spec.md §7.3); ``cosine``
       (linear warmup, cosine decay to ``end_fraction``·lr at ``total_steps``).
-    warmup_steps, total_steps, end_fraction: schedule shape.
+    warmup_steps: warmup length in steps; or ``warmup_fraction`` of ``total_steps`` (the
+      trainer sets ``total_steps`` to the run's steps), e.g. 0.02 for the paper's 2%.
+    total_steps, end_fraction: schedule shape.
     weight_decay, b1, b2, eps: AdamW (authors: 0, 0.9, 0.999, 1e-8).
     clip_norm: global gradient-norm clipping (authors: 1.0); 0 disables.
     adafactor_factored: factor Adafactor's second moments of matrices into row and column
@@ -42,6 +43,7 @@ class OptimizerConfig:
     learning_rate: float = 1e-4
     schedule: str = "linear_warmup"
     warmup_steps: int = 0
+    warmup_fraction: float | None = None
     total_steps: int = 1
     end_fraction: float = 0.0
     weight_decay: float = 0.0
@@ -64,10 +66,27 @@ class OptimizerConfig:
             raise ValueError(f"OptimizerConfig.learning_rate must be > 0, got {self.learning_rate}")
         if self.warmup_steps < 0 or self.total_steps < 1:
             raise ValueError("OptimizerConfig needs warmup_steps >= 0 and total_steps >= 1")
+        if self.warmup_fraction is not None:
+            if not 0.0 <= self.warmup_fraction < 1.0:
+                raise ValueError(
+                    f"OptimizerConfig.warmup_fraction must be in [0, 1), got {self.warmup_fraction}"
+                )
+            if self.warmup_steps:
+                raise ValueError(
+                    "OptimizerConfig: set warmup_steps or warmup_fraction, not both "
+                    f"(got {self.warmup_steps} and {self.warmup_fraction})"
+                )
+
+    @property
+    def warmup(self) -> int:
+        """The warmup length in steps."""
+        if self.warmup_fraction is None:
+            return self.warmup_steps
+        return round(self.warmup_fraction * self.total_steps)
 
 
 def schedule(config: OptimizerConfig) -> optax.Schedule:
-    lr, warmup = config.learning_rate, config.warmup_steps
+    lr, warmup = config.learning_rate, config.warmup
     if config.schedule == "constant" or (warmup == 0 and config.schedule != "cosine"):
         return optax.constant_schedule(lr)
     if config.schedule == "linear_warmup":
@@ -102,10 +121,3 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
         )
     chain = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm else []
     return optax.chain(*chain, inner)
-
-
-def make_masked_optimizer(config: OptimizerConfig, labels) -> optax.GradientTransformation:
-    """The optimizer for ``trainable`` leaves and nothing (no state) for ``frozen`` ones."""
-    return optax.multi_transform(
-        {TRAINABLE: make_optimizer(config), FROZEN: optax.set_to_zero()}, labels
-    )

@@ -134,6 +134,38 @@ def _micro_batches(batch, count: int):
     return {k: split(v) for k, v in batch.items()}
 
 
+def term_gradients(config: StepConfig, structure, state: TrainState, frozen: Flat, batch):
+    """Each weighted loss term's gradient norm and share (no update): ``grad_norm/<term>`` =
+    ‖∇ term‖ and ``grad_share/<term>`` = ⟨∇ term, ∇ loss⟩ / ‖∇ loss‖² (the shares sum to 1;
+    a term whose gradient opposes the rest has a negative share).
+
+    One forward and one vectorised backward per term (``jax.jacrev`` of the vector of weighted
+    terms), so it costs about one step per term: the trainer runs it at logging steps only. With
+    gradient accumulation it looks at the first micro-batch, the size one step's memory holds.
+    """
+    names = config.loss.weighted_terms()
+    if config.grad_accum_steps > 1:
+        batch = jax.tree.map(lambda x: x[0], _micro_batches(batch, config.grad_accum_steps))
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
+
+    def terms(trainable):
+        _, metrics = _loss(config, structure, trainable, frozen, batch, rng)
+        return jnp.stack([metrics[f"term/{name}"] for name in names])
+
+    per_term = jax.jacrev(terms)(state.trainable)  # each leaf [terms, *shape]
+    leaves = [g.astype(jnp.float32).reshape(len(names), -1) for g in jax.tree.leaves(per_term)]
+    squares = sum(jnp.sum(jnp.square(g), axis=1) for g in leaves)
+    totals = [jnp.sum(g, axis=0) for g in leaves]
+    total_square = sum(jnp.sum(jnp.square(t)) for t in totals)
+    dots = sum(g @ t for g, t in zip(leaves, totals, strict=True))
+    shares = dots / jnp.maximum(total_square, 1e-30)
+    out = {}
+    for i, name in enumerate(names):
+        out[f"grad_norm/{name}"] = jnp.sqrt(squares[i])
+        out[f"grad_share/{name}"] = shares[i]
+    return out
+
+
 def train_step(config: StepConfig, optimizer, structure, state: TrainState, frozen: Flat, batch):
     """One update. ``batch``: the model features, ``teacher_logits`` when the KL terms are
     weighted, ``teacher_lora`` (``LoraAdapters``) and ``teacher_mask`` when alignment is."""

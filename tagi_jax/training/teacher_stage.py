@@ -3,8 +3,10 @@ base, all groups trained at once (one vmapped jitted step), written as one bank 
 ``finetune`` stage aligns the generated adapters with (``train.teacher_lora_bank``).
 
 The teachers read the full instruction (``teacher_inputs``: Definition + demonstrations +
-input, the Tk-Instruct source), as in the authors' code. Each step draws ``rows_per_group``
-examples of every group from that group's own seeded, cycling order.
+input, the Tk-Instruct source), as in the authors' code, formatted by the run's one
+``DataConfig.ni`` (the demonstrations of its task variant, Tk-Instruct's budget when set), as
+training formats it. Each step draws ``rows_per_group`` examples of every group from that
+group's own seeded, cycling order.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import gin
 import numpy as np
 
+from tagi_jax import gin_check
 from tagi_jax.distill import lora_teachers
 from tagi_jax.distill.lora_teachers import LoraTeacherConfig
 from tagi_jax.training import checkpointing, inputs
@@ -31,9 +34,9 @@ def group_examples(data: inputs.DataConfig, group_by: str, vocabulary):
     if directory is None:
         raise ValueError("the lora_teachers stage needs DataConfig.sni_dir or suite_dir")
     lengths = dict(data.feature_lengths)
-    config = ni.NIConfig(max_train_instances_per_task=data.max_train_instances_per_task)
     grouped = collections.defaultdict(lambda: ([], []))
-    for example in ni.iter_examples(directory, "train", config):
+    examples = ni.iter_examples(directory, "train", data.ni_for_task(), vocabulary=vocabulary)
+    for example in examples:
         key = example["task_name"] if group_by == "task" else example["category"]
         grouped[key][0].append(example["teacher_inputs"])
         grouped[key][1].append(example["targets"])
@@ -87,6 +90,7 @@ def train_lora_teachers(
     log_every: int = 50,
 ) -> str:
     """Trains the bank and writes ``<model_dir>/lora_teachers.safetensors``; returns its path."""
+    gin_check.check_bindings_used("train_lora_teachers")
     from tagi_jax.training import loop
 
     config = config or LoraTeacherConfig()
