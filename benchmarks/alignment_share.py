@@ -27,6 +27,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from train_step import random_batch  # benchmarks/ is on sys.path when run as a script
 
 from tagi_jax import configurables
 from tagi_jax.distill import losses
@@ -37,22 +38,6 @@ from tagi_jax.training import loop
 from tagi_jax.training import state as state_lib
 
 GIN_ROOT = os.path.join(os.path.dirname(__file__), "..", "gin_configs")
-
-
-def _batch(rng, batch: int, enc: int, hyper: int, dec: int, vocab: int) -> dict:
-    def tokens(length):
-        return jnp.asarray(rng.integers(2, vocab, size=(batch, length)), jnp.int32)
-
-    targets = tokens(dec)
-    return {
-        "encoder_input_tokens": tokens(enc),
-        "hyper_input_tokens": tokens(hyper),
-        "decoder_target_tokens": targets,
-        "decoder_input_tokens": jnp.concatenate(
-            [jnp.zeros_like(targets[:, :1]), targets[:, :-1]], 1
-        ),
-        "decoder_loss_weights": jnp.ones(targets.shape, jnp.float32),
-    }
 
 
 def _teacher_bank(rng, generated, rank: int, b_std: float):
@@ -113,7 +98,8 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     # the logits' width (the tokenizer's size where the model restricts it)
     width = model.t5.logits_width
-    batch = _batch(rng, args.batch, args.enc_len, args.hyper_len, args.dec_len, width)
+    lengths = (args.batch, args.enc_len, args.hyper_len, args.dec_len, width)
+    batch = {k: jnp.asarray(v) for k, v in random_batch(rng, *lengths).items()}
     with partitioning.use_mesh(mesh, rules):
         logits, aux = jax.jit(functools.partial(tagi.forward, model))(params, batch)
     batch["teacher_logits"] = logits + jnp.asarray(

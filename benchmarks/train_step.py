@@ -38,7 +38,9 @@ from tagi_jax.training.progress import xla_step_flops
 GIN_ROOT = os.path.join(os.path.dirname(__file__), "..", "gin_configs")
 
 
-def _batch(rng, batch: int, enc: int, hyper: int, dec: int, vocab: int) -> dict[str, np.ndarray]:
+def random_batch(
+    rng, batch: int, enc: int, hyper: int, dec: int, vocab: int
+) -> dict[str, np.ndarray]:
     def tokens(length):
         return rng.integers(2, vocab, size=(batch, length), dtype=np.int32)
 
@@ -105,7 +107,8 @@ def main() -> None:
     vocab = model.t5.logits_width  # target ids the head can predict
     lens = (args.batch, args.enc_len, args.hyper_len, args.dec_len, vocab)
     batches = [
-        inputs.to_global(_batch(rng, *lens), inputs.MODEL_FEATURES, mesh, rules) for _ in range(2)
+        inputs.to_global(random_batch(rng, *lens), inputs.MODEL_FEATURES, mesh, rules)
+        for _ in range(2)
     ]
     # Said before compiling, so a run stopped by a time limit still shows what it was.
     print(f"devices {jax.device_count()} ({jax.devices()[0].device_kind}), mesh {dict(mesh.shape)}")

@@ -249,7 +249,7 @@ def _initial_params(
     encoder = None
     if instruction_encoder_checkpoint is not None and init_from is None:
         # the frozen separate instruction encoder the run loaded (the teacher's, by default)
-        encoder = loop.load_base(loop.teacher_path(instruction_encoder_checkpoint))[1]
+        encoder = loop.load_instruction_encoder(instruction_encoder_checkpoint)
         print(f"loaded the instruction encoder from {instruction_encoder_checkpoint}")
     params, _ = loop.sharded_params(
         model, mesh, partitioning.DEFAULT_RULES, seed, graft, init_from, instruction_encoder=encoder

@@ -221,38 +221,37 @@ def test_alignment_errors():
 # --- the total ---------------------------------------------------------------------------
 
 
+def _full_objective(config):
+    """``tagi_loss`` with every input on one fixed draw, and those inputs (plus the CE alone)."""
+    student, teacher, targets, weights = _inputs(seed=7)
+    gen, teach = _adapters(2), _adapters(3)
+    s, y, w = jnp.asarray(student), jnp.asarray(targets), jnp.asarray(weights)
+    out = losses.tagi_loss(
+        config, s, y, w, teacher_logits=jnp.asarray(teacher), generated=gen, teacher_adapters=teach
+    )
+    ce = float(losses.cross_entropy(s, y, w)[0])
+    return out, (student, teacher, weights, ce, gen, teach)
+
+
 def test_tagi_loss_default_is_the_authors_weights_with_a_plain_delta_alignment():
     """0.6·CE + 0.4·KL(τ=3) + w·MSE(ΔW) (w = alignment_weight, which the trainer calibrates);
     each weighted contribution is a ``term/`` metric and they add up to the loss."""
-    student, teacher, targets, weights = _inputs(seed=7)
-    gen, teach = _adapters(2), _adapters(3)
     config = losses.LossConfig(alignment_weight=3.0)
     assert config.alignment_grad_ratio == 0.25  # calibrated in the trainer by default
-    total, metrics = losses.tagi_loss(
-        config,
-        jnp.asarray(student),
-        jnp.asarray(targets),
-        jnp.asarray(weights),
-        teacher_logits=jnp.asarray(teacher),
-        generated=gen,
-        teacher_adapters=teach,
-    )
-    ce = losses.cross_entropy(jnp.asarray(student), jnp.asarray(targets), jnp.asarray(weights))[0]
+    (total, metrics), (student, teacher, weights, ce, gen, teach) = _full_objective(config)
     kl = _numpy_kl(student, teacher, weights, 3.0)
     align = float(losses.adapter_alignment(gen, teach)[0])
-    expected = 0.6 * float(ce) + 0.4 * kl + 3.0 * align
+    expected = 0.6 * ce + 0.4 * kl + 3.0 * align
     np.testing.assert_allclose(float(total), expected, rtol=1e-5)
     assert set(metrics) >= {"cross_entropy", "kl", "alignment", "alignment_term", "loss"}
     assert config.weighted_terms() == ("cross_entropy", "kl", "alignment")
     terms = [float(metrics[f"term/{name}"]) for name in config.weighted_terms()]
-    np.testing.assert_allclose(terms, [0.6 * float(ce), 0.4 * kl, 3.0 * align], rtol=1e-5)
+    np.testing.assert_allclose(terms, [0.6 * ce, 0.4 * kl, 3.0 * align], rtol=1e-5)
     np.testing.assert_allclose(sum(terms), float(total), rtol=1e-6)
 
 
 def test_tagi_loss_authors_exact_form():
     """losses/authors_exact.gin: σ(ℓ)·ℓ with ℓ = 1000·(swapped MSEs), KL over padding too."""
-    student, teacher, targets, weights = _inputs(seed=7)
-    gen, teach = _adapters(2), _adapters(3)
     config = losses.LossConfig(
         kl_average_over_padding=True,
         alignment_mode="authors_swapped",
@@ -260,19 +259,10 @@ def test_tagi_loss_authors_exact_form():
         alignment_gate="sigmoid",
         alignment_grad_ratio=None,
     )
-    total, _ = losses.tagi_loss(
-        config,
-        jnp.asarray(student),
-        jnp.asarray(targets),
-        jnp.asarray(weights),
-        teacher_logits=jnp.asarray(teacher),
-        generated=gen,
-        teacher_adapters=teach,
-    )
-    ce = losses.cross_entropy(jnp.asarray(student), jnp.asarray(targets), jnp.asarray(weights))[0]
+    (total, _), (student, teacher, weights, ce, gen, teach) = _full_objective(config)
     kl = _numpy_kl(student, teacher, np.ones_like(weights), 3.0)
     ell = 1000.0 * float(losses.adapter_alignment(gen, teach, mode="authors_swapped")[0])
-    expected = 0.6 * float(ce) + 0.4 * kl + ell / (1 + np.exp(-ell))
+    expected = 0.6 * ce + 0.4 * kl + ell / (1 + np.exp(-ell))
     np.testing.assert_allclose(float(total), expected, rtol=1e-5)
     with pytest.raises(ValueError, match="alignment_grad_ratio"):
         losses.LossConfig(alignment_grad_ratio=0.0)

@@ -254,6 +254,20 @@ class NIConfig:
             if value is not None and value < low:
                 raise ValueError(f"NIConfig.{name}={value} must be >= {low} (or None)")
 
+    def streams_shorter_than_budget(self, lengths: dict[str, int]) -> dict[str, int]:
+        """The source streams among ``lengths`` (feature name -> length) shorter than
+        ``max_source_length``: the budget keeps a source's ``Input: ... Output:`` tail by
+        dropping demonstrations, and such a length would trim that tail off after all. The
+        student's ``inputs`` is a source only when it reads the teacher's."""
+        if self.max_source_length is None:
+            return {}
+        sources = ["teacher_inputs"]
+        if self.student_input == "teacher_source":
+            sources.append("inputs")
+        return {
+            k: lengths[k] for k in sources if k in lengths and lengths[k] < self.max_source_length
+        }
+
     @property
     def pos_examples(self) -> int:
         """The demonstrations formatted: ``num_pos_examples``, Def + 2 Pos when unset."""

@@ -140,22 +140,21 @@ def evaluate(
         raise FileNotFoundError(f"task directory does not exist: {task_dir}")
     if batch_size < 1:
         raise ValueError(f"evaluate.batch_size must be >= 1, got {batch_size}")
-    budget = ni.max_source_length
-    if budget is not None and ni.student_input == "teacher_source" and input_length < budget:
+    if ni.streams_shorter_than_budget({"inputs": input_length}):
         raise ValueError(
             f"evaluate.input_length={input_length} is shorter than NIConfig.max_source_length="
-            f"{budget}: the student's source would lose its input after the budget dropped "
-            "demonstrations to keep it"
+            f"{ni.max_source_length}: the student's source would lose its input after the budget "
+            "dropped demonstrations to keep it"
         )
     ni_lib.read_split(task_dir, split)  # an unknown split fails here, naming the files looked for
     vocab = vocab_lib.from_name(vocabulary)
     examples = list(ni_lib.iter_examples(task_dir, split, ni, vocabulary=vocab))
 
     model, params = export.load_export(export_dir)
-    if vocab.vocab_size > model.t5.vocab_size:
+    if vocab.vocab_size > model.t5.logits_width:
         raise ValueError(
-            f"vocabulary {vocabulary!r} has {vocab.vocab_size} ids, the exported model "
-            f"{model.t5.vocab_size}: wrong evaluate.vocabulary for this export?"
+            f"vocabulary {vocabulary!r} has {vocab.vocab_size} ids, the exported model predicts "
+            f"{model.t5.logits_width}: wrong evaluate.vocabulary for this export?"
         )
     per_task = collections.Counter(e["task_name"] for e in examples)
     # ni_eval pads every batch to batch_size rows (one compilation for the whole evaluation):

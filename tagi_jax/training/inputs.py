@@ -76,21 +76,12 @@ class DataConfig:
         if ni_lib.task_variant(self.task) is None:
             return  # P3 and C4 tasks: NIConfig does not apply
         ni_lib.for_task(self.ni, self.task)  # a contradicting num_pos_examples fails here
-        budget = self.ni.max_source_length
-        if budget is None:
-            return
-        # The budget keeps the source's `Input: ... Output:` tail by dropping demonstrations;
-        # a shorter feature length would then trim that tail off the end after all.
-        streams = ["teacher_inputs"]
-        if self.ni.student_input == "teacher_source":
-            streams.append("inputs")
-        lengths = dict(self.feature_lengths)
-        short = {k: lengths[k] for k in streams if k in lengths and lengths[k] < budget}
+        short = self.ni.streams_shorter_than_budget(dict(self.feature_lengths))
         if short:
             raise ValueError(
                 f"DataConfig.feature_lengths {short} are shorter than NIConfig.max_source_length="
-                f"{budget}: the trim would cut the source's input off after the budget dropped "
-                "demonstrations to keep it; make them at least the budget"
+                f"{self.ni.max_source_length}: the trim would cut the source's input off after "
+                "the budget dropped demonstrations to keep it; make them at least the budget"
             )
 
     def ni_for_task(self) -> ni_lib.NIConfig:

@@ -215,21 +215,11 @@ def instruction_encoder_source(
     return source
 
 
-def _load_instruction_encoder(model: TagiConfig, path: str, mesh):
-    config, params = load_base(teacher_path(path), mesh)
-    want = model.instruction_t5
-    if (config.d_model, config.num_layers, config.vocab_size) != (
-        want.d_model,
-        want.num_layers,
-        want.vocab_size,
-    ):
-        raise ValueError(
-            f"the instruction encoder in {path} (d_model {config.d_model}, "
-            f"{config.num_layers} encoder layers, vocab {config.vocab_size}) does not "
-            f"fit TagiConfig.instruction_encoder_t5 (d_model {want.d_model}, "
-            f"{want.num_layers} layers, vocab {want.vocab_size})"
-        )
-    return params
+def load_instruction_encoder(path: str, mesh=None):
+    """The T5 parameters whose encoder a ``separate`` instruction encoder takes: a parameter
+    checkpoint, an HF directory or a finished run (its exported backbone). The graft in
+    ``tagi.init_params`` checks every shape against ``TagiConfig.instruction_encoder_t5``."""
+    return load_base(teacher_path(path), mesh)[1]
 
 
 class _TeacherAdapters:
@@ -344,7 +334,7 @@ def train(
     if base_checkpoint is not None and init_from is None:
         base = load_base(base_checkpoint, mesh)[1]
     if encoder_source is not None:
-        encoder = _load_instruction_encoder(model, encoder_source, mesh)
+        encoder = load_instruction_encoder(encoder_source, mesh)
     params, param_shardings = sharded_params(
         model, mesh, rules, seed, base, init_from, instruction_encoder=encoder
     )
