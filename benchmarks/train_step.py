@@ -54,6 +54,98 @@ def random_batch(
     }
 
 
+class JaxStep:
+    """The trainer's compiled TAGI step on random batches, built as ``training.loop`` builds it
+    (sharded init, trainable partition, sharded optimizer state, explicit shardings, donated
+    state). ``run()`` does one step and blocks on its loss, as the loop does (and as CPU
+    collectives need)."""
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        method: str,
+        batch: int,
+        enc_len: int,
+        hyper_len: int,
+        dec_len: int,
+        dtype: str = "float32",
+        optimizer: str = "adamw",
+        mesh: str = "1,-1,1",
+    ):
+        gin.clear_config()
+        gin.parse_config_files_and_bindings(
+            [
+                os.path.join(GIN_ROOT, "models", f"{model}.gin"),
+                os.path.join(GIN_ROOT, "methods", f"{method}.gin"),
+            ],
+            [],
+        )
+        config = configurables.tagi_config()
+        self.model = config.replace(t5=config.t5.replace(dtype=dtype, dropout_rate=0.0))
+        self.lengths = (batch, enc_len, hyper_len, dec_len)
+        shape = tuple(int(s) for s in mesh.split(","))
+        self.mesh = mesh_lib.make_mesh(shape, ("data", "fsdp", "model"))
+        rules = self.rules = partitioning.DEFAULT_RULES
+        scalar = NamedSharding(self.mesh, PartitionSpec())
+
+        params, shardings = loop.sharded_params(self.model, self.mesh, rules, seed=0, base=None)
+        mask = trainable.trainable_mask(self.model, params)
+        structure = jax.tree.structure(params)
+        train_params, self.frozen = state_lib.partition(params, mask)
+        train_shardings, frozen_shardings = state_lib.partition(shardings, mask)
+        self.n_train, self.n_total = trainable.count(params, mask)
+        tx = optim.make_optimizer(
+            optim.OptimizerConfig(name=optimizer, learning_rate=1e-4, schedule="constant")
+        )
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), train_params)
+        state_shardings = state_lib.state_shardings(tx, abstract, train_shardings, scalar)
+        init = functools.partial(state_lib.init_state, optimizer=tx, seed=0)
+        self.state = jax.jit(init, out_shardings=state_shardings)(train_params)
+        loss = losses.LossConfig(ce_weight=1.0, kl_weight=0.0, alignment_weight=0.0)
+        self._step = jax.jit(
+            functools.partial(
+                state_lib.train_step, state_lib.StepConfig(self.model, loss), tx, structure
+            ),
+            in_shardings=(state_shardings, frozen_shardings, None),
+            out_shardings=(state_shardings, scalar),
+            donate_argnums=(0,),
+        )
+        rng = np.random.default_rng(0)
+        vocab = self.model.t5.logits_width  # target ids the head can predict
+        self.batches = [
+            inputs.to_global(
+                random_batch(rng, *self.lengths, vocab), inputs.MODEL_FEATURES, self.mesh, rules
+            )
+            for _ in range(2)
+        ]
+        self._compiled = None
+        self._calls = 0
+        self.loss = float("nan")
+
+    def compile(self) -> float:
+        """Compiles the step; returns the seconds it took."""
+        with partitioning.use_mesh(self.mesh, self.rules):
+            start = time.perf_counter()
+            self._compiled = self._step.lower(self.state, self.frozen, self.batches[0]).compile()
+            return time.perf_counter() - start
+
+    def run(self) -> float:
+        """One step on the next batch (blocking); returns the loss."""
+        if self._compiled is None:
+            self.compile()
+        with partitioning.use_mesh(self.mesh, self.rules):
+            self.state, metrics = self._compiled(
+                self.state, self.frozen, self.batches[self._calls % 2]
+            )
+            self._calls += 1
+            self.loss = float(metrics["loss"])
+        return self.loss
+
+    def backbone_trains(self) -> bool:
+        return any(k.startswith("t5/") for k in self.state.trainable)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="t5_1_1_tiny", help="a gin_configs/models/ name")
@@ -69,83 +161,49 @@ def main() -> None:
     parser.add_argument("--peak_tflops", type=float, default=None, help="per device, for MFU")
     args = parser.parse_args()
 
-    gin.parse_config_files_and_bindings(
-        [
-            os.path.join(GIN_ROOT, "models", f"{args.model}.gin"),
-            os.path.join(GIN_ROOT, "methods", f"{args.method}.gin"),
-        ],
-        [],
+    step = JaxStep(
+        model=args.model,
+        method=args.method,
+        batch=args.batch,
+        enc_len=args.enc_len,
+        hyper_len=args.hyper_len,
+        dec_len=args.dec_len,
+        dtype=args.dtype,
+        optimizer=args.optimizer,
+        mesh=args.mesh,
     )
-    model = configurables.tagi_config()
-    model = model.replace(t5=model.t5.replace(dtype=args.dtype, dropout_rate=0.0))
-    shape = tuple(int(s) for s in args.mesh.split(","))
-    mesh = mesh_lib.make_mesh(shape, ("data", "fsdp", "model"))
-    rules = partitioning.DEFAULT_RULES
-    scalar = NamedSharding(mesh, PartitionSpec())
-
-    params, shardings = loop.sharded_params(model, mesh, rules, seed=0, base=None)
-    mask = trainable.trainable_mask(model, params)
-    structure = jax.tree.structure(params)
-    train_params, frozen = state_lib.partition(params, mask)
-    train_shardings, frozen_shardings = state_lib.partition(shardings, mask)
-    n_train, n_total = trainable.count(params, mask)
-    tx = optim.make_optimizer(
-        optim.OptimizerConfig(name=args.optimizer, learning_rate=1e-4, schedule="constant")
-    )
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), train_params)
-    state_shardings = state_lib.state_shardings(tx, abstract, train_shardings, scalar)
-    init = functools.partial(state_lib.init_state, optimizer=tx, seed=0)
-    state = jax.jit(init, out_shardings=state_shardings)(train_params)
-    loss = losses.LossConfig(ce_weight=1.0, kl_weight=0.0, alignment_weight=0.0)
-    step = jax.jit(
-        functools.partial(state_lib.train_step, state_lib.StepConfig(model, loss), tx, structure),
-        in_shardings=(state_shardings, frozen_shardings, None),
-        out_shardings=(state_shardings, scalar),
-        donate_argnums=(0,),
-    )
-    rng = np.random.default_rng(0)
-    vocab = model.t5.logits_width  # target ids the head can predict
-    lens = (args.batch, args.enc_len, args.hyper_len, args.dec_len, vocab)
-    batches = [
-        inputs.to_global(random_batch(rng, *lens), inputs.MODEL_FEATURES, mesh, rules)
-        for _ in range(2)
-    ]
     # Said before compiling, so a run stopped by a time limit still shows what it was.
-    print(f"devices {jax.device_count()} ({jax.devices()[0].device_kind}), mesh {dict(mesh.shape)}")
     print(
-        f"model {args.model} + {args.method}: {n_train:,} trainable of {n_total:,} parameters, "
-        f"{args.dtype}, {args.optimizer}",
+        f"devices {jax.device_count()} ({jax.devices()[0].device_kind}), "
+        f"mesh {dict(step.mesh.shape)}"
+    )
+    print(
+        f"model {args.model} + {args.method}: {step.n_train:,} trainable of {step.n_total:,} "
+        f"parameters, {args.dtype}, {args.optimizer}",
         flush=True,
     )
-    with partitioning.use_mesh(mesh, rules):
+    print(f"compiled in {step.compile():.1f}s", flush=True)
+    step.run()
+    times = []
+    for _ in range(args.steps):
         start = time.perf_counter()
-        compiled = step.lower(state, frozen, batches[0]).compile()
-        compile_s = time.perf_counter() - start
-        print(f"compiled in {compile_s:.1f}s", flush=True)
-        state, metrics = compiled(state, frozen, batches[0])
-        float(metrics["loss"])
-        times = []
-        for i in range(args.steps):
-            start = time.perf_counter()
-            state, metrics = compiled(state, frozen, batches[i % 2])
-            # blocking every step, as the loop does (and as CPU collectives need)
-            float(metrics["loss"])
-            times.append(time.perf_counter() - start)
+        step.run()
+        times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     model_flops = train_step_flops(
-        model,
+        step.model,
         args.batch,
         args.enc_len,
         args.hyper_len,
         args.dec_len,
-        backbone_trains=any(k.startswith("t5/") for k in state.trainable),
+        backbone_trains=step.backbone_trains(),
     )
-    xla_flops = xla_step_flops(compiled)
+    xla_flops = xla_step_flops(step._compiled)
     tokens = args.batch * (args.enc_len + args.dec_len)
     devices = jax.device_count()
     print(
         f"batch {args.batch}, lengths enc {args.enc_len} / hyper {args.hyper_len} / "
-        f"dec {args.dec_len}; loss {float(metrics['loss']):.3f}"
+        f"dec {args.dec_len}; loss {step.loss:.3f}"
     )
     print(f"step {1000 * step_s:.1f} ms (median of {args.steps})")
     print(f"tokens/s (encoder + decoder) {tokens / step_s:,.0f}")

@@ -203,7 +203,7 @@ def _restricted_batch():
 
 def test_restricted_logits_are_the_first_columns(head):
     config, restricted, params = head
-    # Same parameters (the checkpoint shape is kept; only the matmul is narrower).
+    # Same parameters (the checkpoint shape is kept; only the logits are narrower).
     shapes = jax.tree.map(jnp.shape, params)
     assert jax.tree.map(jnp.shape, t5.init_params(restricted, jax.random.key(3))) == shapes
     enc, dec = _restricted_batch()
@@ -211,11 +211,9 @@ def test_restricted_logits_are_the_first_columns(head):
     narrow = np.asarray(t5.forward(restricted, params, enc, dec))
     assert full.shape[-1] == config.vocab_size and config.logits_width == config.vocab_size
     assert narrow.shape == full.shape[:-1] + (N_LOGITS,) and restricted.logits_width == N_LOGITS
-    # Equal up to float32 rounding of the differently tiled matmul (a few ulp).
-    np.testing.assert_allclose(narrow, full[..., :N_LOGITS], atol=1e-6, rtol=1e-6)
-    # No vocab_size-wide logits are ever computed: the head is sliced before the matmul.
-    jaxpr = str(jax.make_jaxpr(functools.partial(t5.forward, restricted))(params, enc, dec))
-    assert f"[3,9,{N_LOGITS}]" in jaxpr and f"[3,9,{config.vocab_size}]" not in jaxpr
+    # The logits are cut after the same matmul (cheaper than copying a sliced kernel), so
+    # they are exactly the full model's first columns.
+    np.testing.assert_array_equal(narrow, full[..., :N_LOGITS])
 
 
 def test_restricted_greedy_never_emits_extra_ids(head):

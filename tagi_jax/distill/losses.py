@@ -76,7 +76,10 @@ def cross_entropy(logits, targets, weights, *, label_smoothing: float = 0.0, z_l
         nll = (1.0 - label_smoothing) * nll + label_smoothing * uniform_nll
     per_token = nll + z_loss * jnp.square(log_z) if z_loss else nll
     loss, tokens = _weighted_mean(per_token, weights)
-    correct = (jnp.argmax(logits32, axis=-1) == targets).astype(jnp.float32)
+    # "The target's logit is the largest" rather than argmax == target: the same except on
+    # exact ties, and a max reduction (which logsumexp already computes) instead of XLA's
+    # (value, index) reduction, which took 2% of the CPU train step.
+    correct = (target_logit >= jnp.max(logits32, axis=-1)).astype(jnp.float32)
     metrics = {
         "cross_entropy": _weighted_mean(nll, weights)[0],
         "z_loss": _weighted_mean(jnp.square(log_z), weights)[0] * z_loss,

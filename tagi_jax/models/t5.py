@@ -6,7 +6,7 @@ The Linen modules below define the network; callers use the functions at the bot
 * ``param_logical_axes(config)``: the same tree holding a logical ``PartitionSpec`` per leaf.
 * ``forward(config, params, encoder_input_tokens, decoder_input_tokens, ...)``: float32 logits,
   ``config.logits_width`` wide (``vocab_size``, or ``logits_vocab_size`` when that is set: the
-  head is then sliced to the tokenizer's ids before the matmul and never predicts the rest).
+  logits are cut to the tokenizer's ids after the matmul and the rest is never predicted).
 * ``encode`` / ``decode``: the two halves of ``forward``.
 * ``greedy_decode(config, params, encoder_input_tokens, max_decode_len=...)``: jit-compiled
   greedy search with a key/value cache.
@@ -198,8 +198,8 @@ class Decoder(nn.Module):
         if cfg.scale_decoder_outputs:
             # T5 v1.0 rescales before its tied head (as Mesh TensorFlow does).
             x = x * (cfg.d_model**-0.5)
-        # With logits_vocab_size the head's rows/columns past the tokenizer are sliced off
-        # before the matmul: logits are [..., logits_width] and those ids are never predicted.
+        # With logits_vocab_size the logits past the tokenizer's ids are cut off after the
+        # matmul: logits are [..., logits_width] and those ids are never predicted.
         if cfg.tie_word_embeddings:
             logits = self.embedder.attend(x, num_rows=cfg.logits_vocab_size)
         else:
@@ -355,7 +355,10 @@ def decode(
     """Teacher-forced decoder logits (float32 ``[batch, target_len, config.logits_width]``).
 
     ``memory_tokens`` are the token ids behind ``encoded`` (only their padding is used), so a
-    fused memory such as ``[instruction ; input]`` passes its concatenated ids.
+    fused memory such as ``[instruction ; input]`` passes its concatenated ids. ``encoded`` may
+    be a tuple of ``[batch, length_i, embed]`` parts, joined along the length after the key and
+    value projections (equal to passing their concatenation; a part that takes no gradient
+    then costs no backward matmul).
     """
     _check_tokens("decoder_input_tokens", decoder_input_tokens)
     _check_adapters(config, adapters, decoder_input_tokens.shape[0])

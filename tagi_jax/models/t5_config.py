@@ -29,8 +29,8 @@ class T5Config:
       logits_vocab_size: when set, the output head covers only the first ``logits_vocab_size``
         ids (the tokenizer's size, 32100 for T5's SentencePiece model) and the remaining
         embedding rows are never predicted: logits are ``[..., logits_vocab_size]``, so the
-        cross-entropy, the KL and greedy decoding never see the padding ids. The head's kernel
-        (or, tied, the embedding) is sliced before the matmul, which equals the authors'
+        cross-entropy, the KL and greedy decoding never see the padding ids. The logits are cut
+        to those ids after the head's matmul, which equals the authors'
         ``resize_token_embeddings(len(tokenizer))`` (tagi_spec.md §2.1) while the parameters
         keep their checkpoint shape. None (the default, and what a Hugging Face config.json
         gives) predicts all ``vocab_size`` rows.

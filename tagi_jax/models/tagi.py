@@ -189,12 +189,13 @@ def _memory(config: TagiConfig, encoded, input_tokens, states, instruction_token
     """The decoder's memory: ``[instruction ; input]`` with fusion, else the input alone.
 
     T5 cross-attention has no position bias, so padded concatenation with the concatenated
-    mask equals the authors' unpad-concat-repad.
+    mask equals the authors' unpad-concat-repad. The fused memory stays a tuple of its two
+    parts (``t5.decode`` joins their keys and values), so that a frozen instruction's part
+    costs no backward pass.
     """
     if not config.fusion:
         return encoded, input_tokens
-    memory = jnp.concatenate([states.astype(encoded.dtype), encoded], axis=1)
-    memory = nn.with_logical_constraint(memory, ("batch", "length", "embed"))
+    memory = (states.astype(encoded.dtype), encoded)
     return memory, jnp.concatenate([instruction_tokens, input_tokens], axis=1)
 
 
