@@ -205,16 +205,25 @@ def train_step(config: StepConfig, optimizer, structure, state: TrainState, froz
         metrics = {n: (v if n == "nonfinite" else v / k) for n, v in metrics.items()}
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (metrics["nonfinite"] == 0)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-    new_trainable = optax.apply_updates(state.trainable, updates)
 
-    def keep_if_finite(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    def update(operands):
+        trainable, opt_state, grads = operands
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state
 
+    def keep(operands):
+        return operands[0], operands[1]
+
+    # A conditional, not where(finite, new, old) per leaf: the select kept the old parameters
+    # and moments alive next to the new ones, so XLA copied every moment before updating it
+    # in place (38 ms of the 770 ms CPU TAGI step).
+    new_trainable, new_opt_state = jax.lax.cond(
+        finite, update, keep, (state.trainable, state.opt_state, grads)
+    )
     new_state = TrainState(
         step=state.step + jnp.where(finite, 1, 0).astype(jnp.int32),
-        trainable=keep_if_finite(new_trainable, state.trainable),
-        opt_state=keep_if_finite(opt_state, state.opt_state),
+        trainable=new_trainable,
+        opt_state=new_opt_state,
         rng=jax.random.key_data(rng),
     )
     metrics = dict(
