@@ -506,6 +506,10 @@ def train(
                 if stop_after is not None and step - start >= stop_after:
                     break
     finally:
+        # Close the input pipeline now, not at interpreter exit: a tf.data iterator finalised
+        # during shutdown (after an error ended the loop) can abort the process
+        # ("terminate called without an active exception") instead of exiting with the error.
+        batches.close()
         if progress is not None:
             progress.close()
         ckpt.close()
