@@ -21,23 +21,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-from train_step import random_batch  # benchmarks/ is on sys.path when run as a script
+from train_step import (  # benchmarks/ is on sys.path when run as a script
+    configured_model,
+    random_batch,
+)
 
-from tagi_jax import configurables
 from tagi_jax.distill import losses
 from tagi_jax.models import tagi, trainable
 from tagi_jax.parallel import mesh as mesh_lib
 from tagi_jax.parallel import partitioning
 from tagi_jax.training import loop
 from tagi_jax.training import state as state_lib
-
-GIN_ROOT = os.path.join(os.path.dirname(__file__), "..", "gin_configs")
 
 
 def _teacher_bank(rng, generated, rank: int, b_std: float):
@@ -69,15 +67,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    gin.parse_config_files_and_bindings(
-        [
-            os.path.join(GIN_ROOT, "models", f"{args.model}.gin"),
-            os.path.join(GIN_ROOT, "methods", f"{args.method}.gin"),
-        ],
-        [],
-    )
-    model = configurables.tagi_config()
-    model = model.replace(t5=model.t5.replace(dropout_rate=0.0))
+    model = configured_model(args.model, args.method)
     mesh = mesh_lib.make_mesh((1, 1), ("data", "model"), devices=jax.devices()[:1])
     rules = partitioning.DEFAULT_RULES
     print(

@@ -54,6 +54,21 @@ def random_batch(
     }
 
 
+def configured_model(model: str, method: str, dtype: str = "float32"):
+    """The ``TagiConfig`` of a ``gin_configs/models/`` and a ``methods/`` file, without dropout
+    (benchmarks time deterministic compute)."""
+    gin.clear_config()
+    gin.parse_config_files_and_bindings(
+        [
+            os.path.join(GIN_ROOT, "models", f"{model}.gin"),
+            os.path.join(GIN_ROOT, "methods", f"{method}.gin"),
+        ],
+        [],
+    )
+    config = configurables.tagi_config()
+    return config.replace(t5=config.t5.replace(dtype=dtype, dropout_rate=0.0))
+
+
 class JaxStep:
     """The trainer's compiled TAGI step on random batches, built as ``training.loop`` builds it
     (sharded init, trainable partition, sharded optimizer state, explicit shardings, donated
@@ -73,16 +88,7 @@ class JaxStep:
         optimizer: str = "adamw",
         mesh: str = "1,-1,1",
     ):
-        gin.clear_config()
-        gin.parse_config_files_and_bindings(
-            [
-                os.path.join(GIN_ROOT, "models", f"{model}.gin"),
-                os.path.join(GIN_ROOT, "methods", f"{method}.gin"),
-            ],
-            [],
-        )
-        config = configurables.tagi_config()
-        self.model = config.replace(t5=config.t5.replace(dtype=dtype, dropout_rate=0.0))
+        self.model = configured_model(model, method, dtype=dtype)
         self.lengths = (batch, enc_len, hyper_len, dec_len)
         shape = tuple(int(s) for s in mesh.split(","))
         self.mesh = mesh_lib.make_mesh(shape, ("data", "fsdp", "model"))

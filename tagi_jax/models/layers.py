@@ -111,11 +111,8 @@ class Dense(nn.Module):
     kernel_init: Any = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
     @nn.compact
-    def __call__(self, x, lora=None, num_outputs: int | None = None):
-        """``lora``: optional per-example ``(A [batch, in, r], B [batch, r, out])``.
-
-        ``num_outputs``: return only the first ``num_outputs`` output columns (the parameter
-        keeps all ``features`` columns)."""
+    def __call__(self, x, lora=None):
+        """``lora``: optional per-example ``(A [batch, in, r], B [batch, r, out])``."""
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
@@ -125,11 +122,6 @@ class Dense(nn.Module):
         y = matmul(x.astype(self.dtype), kernel.astype(self.dtype))
         if lora is not None:
             y = lora_lib.apply(x, y, lora, self.dtype)
-        if num_outputs is not None and num_outputs != self.features:
-            # Slicing the output, not the kernel: the slice then fuses into whatever reads
-            # the logits (softmax, loss), where a sliced kernel is a fresh [in, out] copy on
-            # every call (every decoding step) that the matmul library cannot read in place.
-            y = y[..., :num_outputs]
         return y
 
 
@@ -153,14 +145,9 @@ class Embed(nn.Module):
         out = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
         return constrain(out, ("batch", "length", "embed"))
 
-    def attend(self, x, num_rows: int | None = None):
-        """Logits against the embedding table (tied head); ``num_rows``: only the first rows."""
-        logits = jnp.einsum(
-            "...e,ve->...v", x.astype(self.dtype), self.embedding.astype(self.dtype)
-        )
-        if num_rows is not None and num_rows != self.num_embeddings:
-            logits = logits[..., :num_rows]  # after the matmul, as in Dense
-        return logits
+    def attend(self, x):
+        """Logits against the embedding table (tied head)."""
+        return jnp.einsum("...e,ve->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))
 
 
 # --- relative positions -------------------------------------------------------------------

@@ -198,10 +198,8 @@ class Decoder(nn.Module):
         if cfg.scale_decoder_outputs:
             # T5 v1.0 rescales before its tied head (as Mesh TensorFlow does).
             x = x * (cfg.d_model**-0.5)
-        # With logits_vocab_size the logits past the tokenizer's ids are cut off after the
-        # matmul: logits are [..., logits_width] and those ids are never predicted.
         if cfg.tie_word_embeddings:
-            logits = self.embedder.attend(x, num_rows=cfg.logits_vocab_size)
+            logits = self.embedder.attend(x)
         else:
             logits = layers.Dense(
                 cfg.vocab_size,
@@ -210,7 +208,13 @@ class Decoder(nn.Module):
                 param_dtype=pdtype,
                 kernel_init=nn.initializers.normal(stddev=cfg.d_model**-0.5),
                 name="logits_dense",
-            )(x, num_outputs=cfg.logits_vocab_size)
+            )(x)
+        if cfg.logits_width != cfg.vocab_size:
+            # logits_vocab_size: the ids past the tokenizer's are cut off after the matmul, so
+            # they are never predicted. Slicing the output, not the head's kernel: the slice
+            # fuses into whatever reads the logits (softmax, loss), where a sliced kernel is a
+            # fresh copy on every call (every decoding step) that the matmul cannot read in place.
+            logits = logits[..., : cfg.logits_width]
         logits = layers.constrain(logits, ("batch", "length", "vocab"))
         return logits.astype(jnp.float32)
 

@@ -41,7 +41,7 @@ def decoder_flops(config: T5Config, tokens: int, length: int, memory: int, memor
     cross_kv = 2 * d * inner * memory_tokens  # k and v of the encoder states, once per layer
     layers = config.num_decoder_layers
     # The output head computes all vocab_size columns; logits_vocab_size cuts the logits after
-    # the matmul (layers.Dense), so it does not change the work.
+    # the matmul (t5.Decoder), so it does not change the work.
     return 2 * (tokens * per_token + cross_kv) * layers + 2 * tokens * d * config.vocab_size
 
 

@@ -294,8 +294,8 @@ def train(
     ``on_nonfinite``: ``stop`` (raise, naming the step; the last good checkpoint stays) or
     ``skip`` (drop the batch and go on). ``log_term_gradients``: with more than one weighted
     loss term, log each term's gradient norm and share (``state.term_gradients``) at every
-    logging step (about one extra step's compute per term there). ``stop_after`` ends this process's work after that
-    many steps (tests use it to simulate a kill).
+    logging step (about one extra step's compute per term there). ``stop_after`` ends this
+    process's work after that many steps (tests use it to simulate a kill).
     """
     gin_check.check_bindings_used("train")
     # Without teachers (the default) the objective is the cross-entropy alone.
