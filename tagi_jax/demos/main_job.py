@@ -3,8 +3,8 @@ suite on a laptop CPU, then scored on tasks it never saw.
 
 It runs the same pieces a user runs at scale, in one process:
 
-1. writes the built-in suite (``tagi_jax.data.synthetic``): 54 training tasks and 19 held-out
-   tasks whose parameters never appear together in training;
+1. writes the built-in suite (``tagi_jax.data.synthetic``): 54 training tasks, 18 validation
+   and 19 held-out test tasks whose parameters never appear together in training;
 2. ``runs/suite_base.gin`` (``python -m tagi_jax.train``): the base model, a byte-level T5
    trained from scratch on the training tasks' inputs alone;
 3. ``runs/suite_tagi.gin``: TAGI on that frozen base; the hypernetwork reads each task's
@@ -64,10 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh and os.path.exists(workdir):
         shutil.rmtree(workdir)
     suite_dir = os.path.join(workdir, "suite")
-    summary = synthetic.write_suite(suite_dir)
+    try:
+        summary = synthetic.write_suite(suite_dir)
+    except synthetic.SuiteExistsError as e:
+        # e.g. a suite of an older version: its trained stages would not match the tasks
+        raise SystemExit(f"error: {e}\n(run again with --fresh to start over)") from e
     print(
-        f"== built-in suite: {len(summary.train_tasks)} train tasks, "
-        f"{len(summary.test_tasks)} held-out tasks in {suite_dir}",
+        f"== built-in suite: {len(summary.train_tasks)} train, "
+        f"{len(summary.validation_tasks)} validation, {len(summary.test_tasks)} held-out test "
+        f"tasks in {suite_dir}",
         flush=True,
     )
     base_dir, tagi_dir = os.path.join(workdir, "base"), os.path.join(workdir, "tagi")
