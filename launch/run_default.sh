@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: a small TAGI trained on the built-in instruction suite
-# (everything created locally), evaluated on held-out tasks against the base model.
-# Extra arguments go to the job, e.g. --workdir /tmp/main_job --fresh.
+# The main job on the embedded default: the paper's experiment in miniature on the built-in
+# instruction suite (everything created locally): base, metatrain, LoRA teachers and TAGI, then
+# the held-out comparison table (runs/main_job/results.md, results.png).
+# Extra arguments go to the job, e.g. --ablations, --workdir /tmp/main_job, --fresh.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo/launch/setup_env.sh"

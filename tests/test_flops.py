@@ -83,3 +83,45 @@ def test_restricted_head_computes_every_column():
     logits = t5.forward(narrow, params, enc, dec)
     assert logits.shape[-1] == 200
     np.testing.assert_allclose(logits, t5.forward(CONFIG, params, enc, dec)[..., :200], rtol=1e-6)
+
+
+@pytest.mark.parametrize("fusion", [True, False], ids=["fusion", "adapters_only"])
+def test_inference_count_matches_one_forward(fusion):
+    """One example's inference count (instruction encoded for it alone: examples_per_task=1)
+    is one forward of the TAGI student, adapters and hypernetwork included."""
+    model = TagiConfig(t5=CONFIG, hyper=HyperConfig(rank=8, instruction_dim=32), fusion=fusion)
+    params = tagi.init_params(model, jax.random.key(0))
+    batch = {
+        "encoder_input_tokens": jnp.ones((1, L), jnp.int32),
+        "hyper_input_tokens": jnp.ones((1, H), jnp.int32),
+        "decoder_input_tokens": jnp.ones((1, T), jnp.int32),
+    }
+    xla = _xla(lambda p, b: tagi.forward(model, p, b)[0], params, batch)
+    hyper_parameters = sum(x.size for x in jax.tree.leaves(params["hypernet"]))
+    counted = flops.inference_example_flops(
+        model,
+        input_tokens=L,
+        target_tokens=T,
+        instruction_tokens=H,
+        hypernetwork_parameters=hyper_parameters,
+    )
+    assert counted["adapters"] > 0 and counted["instruction_per_task"] > 0
+    assert counted["total"] == pytest.approx(xla, rel=0.05)
+    # Cached once per task, the instruction's share shrinks with the task's examples.
+    per_32 = flops.inference_example_flops(
+        model,
+        input_tokens=L,
+        target_tokens=T,
+        instruction_tokens=H,
+        examples_per_task=32,
+        hypernetwork_parameters=hyper_parameters,
+    )
+    assert per_32["instruction_per_task"] == pytest.approx(counted["instruction_per_task"] / 32)
+
+
+def test_inference_count_of_a_plain_t5_is_its_forward():
+    model = TagiConfig(t5=CONFIG, hyper=HyperConfig(targets=()), fusion=False)
+    counted = flops.inference_example_flops(model, input_tokens=L, target_tokens=T)
+    forward = flops.encoder_flops(CONFIG, L, L) + flops.decoder_flops(CONFIG, T, T, L, L)
+    assert counted["total"] == forward
+    assert counted["adapters"] == counted["instruction_per_task"] == 0

@@ -1,8 +1,9 @@
 """Evaluation of natural-instructions-format tasks: greedy decoding with adapters generated once
 per task, ROUGE-L and exact match per task, per category and overall.
 
-A task's instruction (definition + demonstrations) is the same for all its instances, so the
-hypernetwork runs once per task and ``lora.take`` expands its adapters over each batch. The base
+A task's instruction (definition + demonstrations) is the same for all its instances, so it is
+encoded and the hypernetwork runs once per task (``tagi.encode_task``): ``lora.take`` expands
+the adapters over each batch and the decoder's fused memory reuses the encoded instruction. The base
 model (``use_adapters=False``) decodes with the plain T5 from the student's input alone.
 """
 
@@ -59,9 +60,9 @@ def evaluate(
         instruction = encode_padded(
             vocabulary, [examples[indices[0]]["hyper_inputs"]], instruction_length
         )
-        adapters = None
-        if use_adapters and model.hyper.targets:
-            adapters = tagi.generate_adapters(model, params, jnp.asarray(instruction))
+        states = adapters = None
+        if use_adapters:
+            states, adapters = tagi.encode_task(model, params, jnp.asarray(instruction))
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
             # pad every batch to batch_size rows: one compilation for the whole evaluation
@@ -82,6 +83,7 @@ def evaluate(
                     {"encoder_input_tokens": enc, "hyper_input_tokens": hyper},
                     max_decode_len=max_decode_len,
                     adapters=expanded,
+                    instruction_states=states,
                 )
             else:
                 tokens = t5.greedy_decode(

@@ -172,6 +172,22 @@ def generate_adapters(
     return adapters_from_states(config, params, states, instruction_tokens, first)[0]
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
+def encode_task(config: TagiConfig, params: Params, instruction_tokens):
+    """What inference caches once per task: ``(instruction states | None, adapters | None)``
+    for ``instruction_tokens`` ``[1, length]``. The states are None when the student never
+    reads the instruction (no fusion, no instruction cross-attention), the adapters when no
+    targets are configured."""
+    if not (config.hyper.targets or _needs_instruction(config, None)):
+        return None, None
+    states, first = encode_instruction(config, params, instruction_tokens)
+    adapters = None
+    if config.hyper.targets:
+        adapters = adapters_from_states(config, params, states, instruction_tokens, first)[0]
+    reads_states = config.fusion or config.t5.instruction_cross_attention
+    return (states if reads_states else None), adapters
+
+
 def _check_batch(batch: Mapping) -> tuple[jax.Array, jax.Array, jax.Array]:
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
@@ -204,10 +220,15 @@ def _needs_instruction(config: TagiConfig, adapters) -> bool:
     return generating or config.fusion or config.t5.instruction_cross_attention
 
 
-def _encode_student(config: TagiConfig, params: Params, enc_tokens, hyper_tokens, adapters, rngs):
-    """Everything before the decoder: ``(memory, memory_tokens, adapters, embedding)``."""
-    states = first = embedding = None
-    if _needs_instruction(config, adapters):
+def _encode_student(
+    config: TagiConfig, params: Params, enc_tokens, hyper_tokens, adapters, rngs, states=None
+):
+    """Everything before the decoder: ``(memory, memory_tokens, adapters, embedding)``.
+
+    ``states``: the instruction already encoded (``encode_instruction``), e.g. once per task at
+    inference; then it is not encoded again."""
+    first = embedding = None
+    if states is None and _needs_instruction(config, adapters):
         states, first = encode_instruction(config, params, hyper_tokens, dropout_rng=rngs[0])
     if adapters is None and config.hyper.targets:
         adapters, embedding = adapters_from_states(config, params, states, hyper_tokens, first)
@@ -256,11 +277,13 @@ def forward(
 
 @functools.partial(jax.jit, static_argnames=("config", "max_decode_len", "axis_rules"))
 def _greedy_decode_jit(
-    config, params, enc_tokens, hyper_tokens, adapters, *, max_decode_len, axis_rules
+    config, params, enc_tokens, hyper_tokens, adapters, states, *, max_decode_len, axis_rules
 ):
     with nn.logical_axis_rules(axis_rules):
+        if states is not None:  # one task's cached instruction, shared by every row
+            states = jnp.broadcast_to(states, (enc_tokens.shape[0], *states.shape[1:]))
         memory, memory_tokens, adapters, _ = _encode_student(
-            config, params, enc_tokens, hyper_tokens, adapters, [None] * 3
+            config, params, enc_tokens, hyper_tokens, adapters, [None] * 3, states
         )
         return t5.greedy_loop(
             config.t5,
@@ -279,10 +302,13 @@ def greedy_decode(
     *,
     max_decode_len: int,
     adapters: lora.LoraAdapters | None = None,
+    instruction_states=None,
 ):
     """Greedy decoding of the TAGI student (adapters generated once, reused at every step).
 
-    ``batch`` needs ``encoder_input_tokens`` and ``hyper_input_tokens``.
+    ``batch`` needs ``encoder_input_tokens`` and ``hyper_input_tokens``. ``adapters`` and
+    ``instruction_states`` (``[1, length, width]``, from ``encode_task``) given: the
+    instruction is neither encoded nor turned into adapters again.
     """
     t5.check_max_decode_len(max_decode_len)
     enc_tokens, hyper_tokens = batch["encoder_input_tokens"], batch["hyper_input_tokens"]
@@ -293,6 +319,7 @@ def greedy_decode(
         jnp.asarray(enc_tokens, jnp.int32),
         jnp.asarray(hyper_tokens, jnp.int32),
         adapters,
+        instruction_states,
         max_decode_len=max_decode_len,
         axis_rules=t5.current_axis_rules(),
     )

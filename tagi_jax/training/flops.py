@@ -68,3 +68,63 @@ def train_step_flops(
         t5, batch * target_length, target_length, memory, batch * memory
     )
     return instruction + student * (3 if backbone_trains else 2)
+
+
+# Which tokens pass through an adapted projection, per layer: (site, projection) -> stream.
+# Cross-attention keys and values read the memory; everything else the stack's own tokens.
+def _adapter_stream(site: str, projection: str) -> str:
+    if site.startswith("enc_"):
+        return "input"
+    if site == "dec_cross" and projection in ("k", "v"):
+        return "memory"
+    return "target"
+
+
+def inference_example_flops(
+    model,
+    *,
+    input_tokens: float,
+    target_tokens: float,
+    instruction_tokens: float = 0.0,
+    examples_per_task: float = 1.0,
+    hypernetwork_parameters: int = 0,
+) -> dict[str, float]:
+    """Model FLOPs of answering one example at inference, counted as ``train_step_flops``
+    counts a forward pass, for a ``TagiConfig``: the student's encoder on ``input_tokens``,
+    the decoder on ``target_tokens`` (the answer and EOS) cross-attending to the input (and,
+    with fusion, the instruction), the LoRA products of the adapted projections, and, per
+    task and so divided by ``examples_per_task``, the instruction's encoding and the
+    hypernetwork (2 FLOPs per parameter: each weight multiplies one pooled instruction).
+
+    A plain T5 (metatrain, the base) has no targets and no fusion: reading the Definition in
+    every example is part of its ``input_tokens``. Returns the parts and their ``total``.
+    """
+    from tagi_jax.models import lora
+
+    t5 = model.t5
+    reads_instruction = model.fusion or t5.instruction_cross_attention
+    generates = bool(model.hyper.targets)
+    memory = input_tokens + (instruction_tokens if reads_instruction else 0.0)
+    parts = {
+        "encoder": encoder_flops(t5, input_tokens, input_tokens),
+        "decoder": decoder_flops(t5, target_tokens, target_tokens, memory, memory),
+        "adapters": 0.0,
+        "instruction_per_task": 0.0,
+    }
+    if generates:
+        tokens = {"input": input_tokens, "target": target_tokens, "memory": memory}
+        for name in model.hyper.targets:
+            target = lora.TARGETS[name]
+            d_in, d_out = target.dims(t5)
+            site, projection = name.split(".")
+            per_token = 2 * model.hyper.rank * (d_in + d_out)
+            parts["adapters"] += (
+                per_token * tokens[_adapter_stream(site, projection)] * target.num_layers(t5)
+            )
+    if generates or reads_instruction:
+        encoder = model.instruction_t5
+        per_task = encoder_flops(encoder, instruction_tokens, instruction_tokens)
+        per_task += 2 * hypernetwork_parameters
+        parts["instruction_per_task"] = per_task / examples_per_task
+    parts["total"] = sum(parts.values())
+    return parts

@@ -129,6 +129,8 @@ def train_lora_teachers(
             "groups": list(groups),
             "first_loss": losses[0].tolist(),
             "last_loss": losses[-1].tolist(),
+            # the training curve of the stage: the teachers' mean loss at every step
+            "mean_loss": losses.mean(axis=1).tolist(),
             "train_steps": train_steps,
             "base_checkpoint": os.path.abspath(base_checkpoint),
         },
