@@ -298,14 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     heading = [
         f"# The paper in miniature: the main job on the {args.split} tasks",
         "",
-        f"{len(tasks)} {args.split} tasks of the built-in suite "
+        f"{len(tasks)} {'held-out test' if args.split == 'test' else args.split} tasks of the "
+        "built-in suite "
         f"({first['overall']['count']} examples; {len(summary.train_tasks)} training tasks). "
         "ROUGE-L and exact match are the official SNI definitions. Encoder tokens "
         "and FLOPs are per example at inference, with TAGI's instruction encoded once per task "
         f"(shared by {first['cost']['examples_per_task']:.0f} examples); examples / s is "
         "measured on this machine (greedy decoding, batch "
-        f"{settings.batch_size}, after a warm-up), and varies between runs; the other columns "
-        "do not.",
+        f"{settings.batch_size}, the fastest of {settings.timed_passes} passes after a warm-up) "
+        "and varies between runs; the other columns do not.",
         "",
     ]
     report_dir = workdir if args.split == "test" else os.path.join(workdir, args.split)
