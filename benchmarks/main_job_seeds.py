@@ -53,31 +53,12 @@ def main() -> None:
             )
             runs[(label, seed)] = model_dir
 
-    tagi_run = export.read_run(runs[("TAGI", 0)])
-    lengths = dict(tagi_run["data"]["feature_lengths"])
-    settings = comparison.Settings(
-        task_dir=suite,
-        split="validation",
-        vocabulary=tagi_run["data"]["vocabulary"],
-        instruction_length=lengths["hyper_inputs"],
-        max_decode_len=lengths["targets"],
-        timed_passes=1,
-    )
+    settings = comparison.settings_for_run(runs[("TAGI", 0)], suite, "validation", timed_passes=1)
     scores: dict[str, list[tuple[int, float, float]]] = {label: [] for label in models}
     for (label, seed), model_dir in sorted(runs.items()):
-        name = models[label][0]
-        out = export.export_run(
-            model_dir,
-            os.path.join(workdir, "seeds", "export", f"{name}_seed{seed}"),
-            overwrite=True,
-        )
-        run = export.read_run(model_dir)
-        row = comparison.Row(
-            label,
-            out,
-            run["data"]["ni"]["student_input"],
-            dict(run["data"]["feature_lengths"])["inputs"],
-        )
+        out_dir = os.path.join(workdir, "seeds", "export", f"{models[label][0]}_seed{seed}")
+        out = export.export_run(model_dir, out_dir, overwrite=True)
+        row = comparison.row_for_run(label, model_dir, out)
         overall = comparison.score_row(row, settings)["overall"]
         scores[label].append((seed, overall["rougeL"], overall["exact_match"]))
     print("\nvalidation ROUGE-L / exact match by seed of the TAGI stage")

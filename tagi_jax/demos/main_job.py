@@ -260,28 +260,17 @@ def main(argv: list[str] | None = None) -> int:
         ),
         **{ABLATIONS[a][0]: (a, ABLATIONS[a][1]) for a in ablations},
     }
-    tagi_run = export.read_run(dirs["tagi"])
-    lengths = dict(tagi_run["data"]["feature_lengths"])
-    settings = comparison.Settings(
-        task_dir=suite_dir,
-        split=args.split,
-        vocabulary=tagi_run["data"]["vocabulary"],
-        instruction_length=lengths["hyper_inputs"],
-        max_decode_len=lengths["targets"],
+    settings = comparison.settings_for_run(
+        dirs["tagi"],
+        suite_dir,
+        args.split,
         eval_instances_per_task=args.eval_instances_per_task,
         timed_passes=args.timed_passes,
     )
     results = {}
     for label, (name, about) in models.items():
-        run = export.read_run(dirs[name])
         out = export.export_run(dirs[name], os.path.join(workdir, "export", name), overwrite=True)
-        row = comparison.Row(
-            label=label,
-            export_dir=out,
-            student_input=run["data"]["ni"]["student_input"],
-            input_length=dict(run["data"]["feature_lengths"])["inputs"],
-            about=about,
-        )
+        row = comparison.row_for_run(label, dirs[name], out, about)
         results[label] = clock.run(
             f"score {label}", lambda row=row: comparison.score_row(row, settings)
         )

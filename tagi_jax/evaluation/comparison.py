@@ -22,6 +22,7 @@ lengths, so the costs do not depend on how generous a length setting is.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -67,6 +68,38 @@ class Settings:
     timed_passes: int = 3
 
 
+def row_for_run(label: str, model_dir: str, export_dir: str, about: str = "") -> Row:
+    """The row of a training run exported to ``export_dir``: its student input and input length
+    come from the run's own ``run.json``, so it is scored as it was trained."""
+    from tagi_jax import export
+
+    data = export.read_run(model_dir)["data"]
+    return Row(
+        label=label,
+        export_dir=export_dir,
+        student_input=data["ni"]["student_input"],
+        input_length=dict(data["feature_lengths"])["inputs"],
+        about=about,
+    )
+
+
+def settings_for_run(model_dir: str, task_dir: str, split: str, **more) -> Settings:
+    """Settings with the vocabulary, instruction length and answer length a TAGI training run
+    used (its ``run.json``); ``more``: other ``Settings`` fields."""
+    from tagi_jax import export
+
+    data = export.read_run(model_dir)["data"]
+    lengths = dict(data["feature_lengths"])
+    return Settings(
+        task_dir=task_dir,
+        split=split,
+        vocabulary=data["vocabulary"],
+        instruction_length=lengths["hyper_inputs"],
+        max_decode_len=lengths["targets"],
+        **more,
+    )
+
+
 def _token_count(vocabulary, text: str, length: int) -> int:
     return min(len(vocabulary.encode(text)) + 1, length)  # + EOS, cut as encode_padded cuts
 
@@ -96,8 +129,9 @@ def score_row(row: Row, settings: Settings) -> dict:
             f"{row.label}: vocabulary {settings.vocabulary!r} has {vocab.vocab_size} ids, the "
             f"export {row.export_dir} predicts {model.t5.logits_width}"
         )
-    tasks = sorted({e["task_name"] for e in examples})
-    rows = min(settings.batch_size, max(sum(e["task_name"] == t for e in examples) for t in tasks))
+    per_task_count = collections.Counter(e["task_name"] for e in examples)
+    tasks = sorted(per_task_count)
+    rows = min(settings.batch_size, max(per_task_count.values()))
     lengths = {
         "input_length": row.input_length,
         "instruction_length": settings.instruction_length,
@@ -133,7 +167,8 @@ def score_row(row: Row, settings: Settings) -> dict:
         examples_per_task=per_task,
         hypernetwork_parameters=hyper_parameters,
     )
-    reads_instruction = bool(model.hyper.targets) or model.fusion
+    # the flops count's rule for what reads the instruction (adapters, fusion, cross-attention)
+    reads_instruction = counted["instruction_per_task"] > 0
     encoder_tokens = input_tokens + (instruction_tokens / per_task if reads_instruction else 0.0)
     results["cost"] = {
         "encoder_tokens": float(encoder_tokens),
@@ -153,7 +188,7 @@ def score_row(row: Row, settings: Settings) -> dict:
     return results
 
 
-def _giga(flops: float) -> str:
+def _mega(flops: float) -> str:
     return f"{flops / 1e6:.2f}"
 
 
@@ -171,7 +206,7 @@ def table(results: dict[str, dict], reference: str | None = None) -> list[str]:
         ratio = f"{c['flops']['total'] / ref:.2f}x" if ref else "-"
         lines.append(
             f"| {label} | {o['rougeL']:.1f} | {o['exact_match']:.1f} | "
-            f"{c['encoder_tokens']:.1f} | {_giga(c['flops']['total'])} | {ratio} | "
+            f"{c['encoder_tokens']:.1f} | {_mega(c['flops']['total'])} | {ratio} | "
             f"{c['examples_per_second']:.0f} |"
         )
     return lines

@@ -3,8 +3,9 @@ per task, ROUGE-L and exact match per task, per category and overall.
 
 A task's instruction (definition + demonstrations) is the same for all its instances, so it is
 encoded and the hypernetwork runs once per task (``tagi.encode_task``): ``lora.take`` expands
-the adapters over each batch and the decoder's fused memory reuses the encoded instruction. The base
-model (``use_adapters=False``) decodes with the plain T5 from the student's input alone.
+the adapters over each batch and the decoder's fused memory reuses the encoded instruction.
+The base model (``use_adapters=False``) decodes with the plain T5 from the student's input
+alone.
 """
 
 from __future__ import annotations

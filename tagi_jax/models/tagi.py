@@ -178,13 +178,13 @@ def encode_task(config: TagiConfig, params: Params, instruction_tokens):
     for ``instruction_tokens`` ``[1, length]``. The states are None when the student never
     reads the instruction (no fusion, no instruction cross-attention), the adapters when no
     targets are configured."""
-    if not (config.hyper.targets or _needs_instruction(config, None)):
+    reads_states = config.fusion or config.t5.instruction_cross_attention
+    if not (config.hyper.targets or reads_states):
         return None, None
     states, first = encode_instruction(config, params, instruction_tokens)
     adapters = None
     if config.hyper.targets:
         adapters = adapters_from_states(config, params, states, instruction_tokens, first)[0]
-    reads_states = config.fusion or config.t5.instruction_cross_attention
     return (states if reads_states else None), adapters
 
 
