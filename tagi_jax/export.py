@@ -1,80 +1,43 @@
-"""``python -m tagi_jax.export --model_dir D --out E [--step N] [--include_base] [--overwrite]``.
+"""``python -m tagi_jax.export``: write a trained student for others to use.
 
-Turns a training run (``tagi_jax.train``'s ``MODEL_DIR``) into a self-contained inference
-checkpoint. A run's checkpoints hold only the trainable partition (with optimizer state); the
-frozen rest is the base model or the seed's initialisation. An export keeps what inference needs
-and nothing it can re-read from the base:
+Three outputs, one source format (``tagi_jax.artifacts.export_format``, which also says what an
+export holds):
 
-```
-E/tagi_config.json   the TagiConfig (TagiConfig.from_json)
-E/params/            orbax StandardCheckpointer save of a flat {"/"-joined path: array}: the
-                     trainable partition, every frozen parameter outside t5/, and any frozen
-                     t5/ parameter the base does not provide (the run initialised it from its seed)
-E/base.json          {"path": ..., "kind": "reference" | "included"} (+ "fingerprint", a
-                     SHA-256 of the referenced backbone's tensors, checked when loading)
-E/t5/                (kind "included") the backbone as a parameter checkpoint, itself loadable as
-                     a base (train.base_checkpoint) and by ``loop.load_base``; path "t5"
-E/export.json        step, source model_dir, time, counts
-```
+* ``--model_dir D --out E [--step N] [--base_by_reference]``: the export of a training run's
+  checkpoint (default: the latest). A finished run already holds one for its last step
+  (``D/export``); this writes one for any step. The backbone is included unless
+  ``--base_by_reference`` (then kept by path + fingerprint, when none of it trained).
+* ``--peft --export E --instruction "..." --out P``: the adapters TAGI generates for one
+  instruction as a PEFT LoRA directory on top of the HF export of the base
+  (``tagi_jax.convert.peft_export``), for PyTorch users.
+* ``--hf --export E --out H [--instruction "..."]``: the student's backbone (with
+  ``--instruction``: merged with that task's adapters) as a Hugging Face T5 directory with its
+  tokenizer files (``tagi_jax.convert.hf_export``).
 
-The backbone is a ``reference`` to the absolute path it came from (the run's ``base_checkpoint``,
-or its ``init_from`` run, whose ``export/t5`` holds it) when there is one, none of the run's
-``t5/`` parameters trained, and ``--include_base`` is not given; otherwise it is written into
-``E/t5``. ``load_export(E)`` rebuilds the full parameter tree for ``tagi.forward`` /
-``tagi.greedy_decode`` and checks the base against the config's shapes, naming any mismatch.
-
-The export is written to ``E.tmp`` and renamed, so ``E`` is either complete or absent; an
-existing ``E`` is only replaced with ``--overwrite``.
+Every output is written aside and renamed, so it is complete or absent; an existing one is only
+replaced with ``--overwrite``. Bad input is one ``error:`` line, exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
-import time
 from typing import Any
 
 import jax
 import numpy as np
 
+from tagi_jax.artifacts import backbone, export_format
+from tagi_jax.artifacts.export_format import ExportError, listing
 from tagi_jax.models import tagi, trainable
 from tagi_jax.models.tagi_config import TagiConfig
-from tagi_jax.training import loop
-from tagi_jax.training import state as state_lib
-from tagi_jax.training.checkpointing import CHECKPOINTS_DIR
-from tagi_jax.training.loop import RUN_FILE
-
-CONFIG_FILE = "tagi_config.json"
-PARAMS_DIR = "params"
-BASE_FILE = "base.json"
-BASE_DIR = "t5"
-INFO_FILE = "export.json"
+from tagi_jax.training.checkpointing import CHECKPOINTS_DIR, RUN_FILE
 
 Flat = dict[str, Any]
-
-
-class ExportError(ValueError):
-    """An export that cannot be written or loaded; the message names the path at fault."""
-
-
-# --- small helpers -----------------------------------------------------------------------------
-
-
-def fingerprint(flat: Flat) -> str:
-    """SHA-256 of every tensor's path, dtype, shape and bytes: a reference to a base is only
-    good while the base is the one the run trained on (a resumed run rewrites its export)."""
-    digest = hashlib.sha256()
-    for path in sorted(flat):
-        value = np.asarray(flat[path])
-        digest.update(f"{path}|{value.dtype}|{value.shape}|".encode())
-        digest.update(np.ascontiguousarray(value).tobytes())
-    return digest.hexdigest()
 
 
 def _mib(path: str) -> float:
@@ -86,12 +49,6 @@ def _mib(path: str) -> float:
 
 def _nbytes(flat: Flat) -> float:
     return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in flat.values()) / 2**20
-
-
-def _listing(names, limit: int = 8) -> str:
-    names = sorted(names)
-    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 @contextlib.contextmanager
@@ -108,9 +65,7 @@ def _quiet_absl():
 
 
 def _single_device_target(tree):
-    """Restore targets on one device: an export is read on whatever machine evaluates it, not
-    on the mesh that wrote the checkpoint."""
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
@@ -177,8 +132,8 @@ def restore_trainable(model_dir: str, model: TagiConfig, step: int | None = None
         if saved != expected:
             raise ExportError(
                 f"checkpoint {manager.directory}/{step} does not match the trainable mask of "
-                f"{RUN_FILE}'s model: only in the checkpoint: {_listing(saved - expected) or '-'}; "
-                f"only in the mask: {_listing(expected - saved) or '-'}"
+                f"{RUN_FILE}'s model: only in the checkpoint: {listing(saved - expected) or '-'}; "
+                f"only in the mask: {listing(expected - saved) or '-'}"
             )
         wrong = [
             f"{p} {tuple(metadata['trainable'][p].shape)} (config: {tuple(abstract[p].shape)})"
@@ -202,13 +157,6 @@ def restore_trainable(model_dir: str, model: TagiConfig, step: int | None = None
         manager.close()
 
 
-def load_base(path: str):
-    """``(T5Config, t5_params)`` of a base checkpoint, as the training loop reads it."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"base checkpoint does not exist: {path}")
-    return loop.load_base(path)
-
-
 def _initial_params(
     model: TagiConfig,
     seed: int,
@@ -228,13 +176,16 @@ def _initial_params(
     runs at all: the loop's init passes grafted base leaves through unchanged, and a random
     backbone of billions of parameters would only be thrown away.
     """
+    # The trainer builds the initial parameters; only a run whose frozen parameters are not
+    # all in its base (seed-initialised ones) needs it, so it is imported here.
     from tagi_jax.parallel import mesh as mesh_lib
     from tagi_jax.parallel import partitioning
+    from tagi_jax.training import loop
 
     source = init_from or base_checkpoint
     base = None
     if source is not None:
-        _, base = load_base(source)
+        _, base = backbone.load_t5(source)
         what = "the initial student's backbone" if init_from else "the base"
         print(f"loaded {what} from {source}")
     base_flat = (
@@ -267,11 +218,12 @@ def export_run(
     out: str,
     *,
     step: int | None = None,
-    include_base: bool = False,
+    base_by_reference: bool = False,
     overwrite: bool = False,
 ) -> str:
     """Writes the export of ``model_dir``'s checkpoint ``step`` (default: latest) to ``out``;
-    returns ``out``'s absolute path."""
+    returns ``out``'s absolute path. ``base_by_reference``: keep the backbone by path and
+    fingerprint (only when the run has a base and none of its ``t5/`` parameters trained)."""
     model_dir = os.path.abspath(model_dir)
     out = os.path.abspath(out)
     run = read_run(model_dir)
@@ -281,8 +233,8 @@ def export_run(
     seed = int(run.get("seed", 0))
     init_from = run.get("init_from")
     # Where the run's frozen backbone came from: an `init_from` run replaces the whole student
-    # (its export/t5 holds that backbone, and loop.load_base reads a run directory), otherwise
-    # the base checkpoint grafted onto the seed's initialisation.
+    # (its export/t5 holds that backbone), otherwise the base checkpoint grafted onto the
+    # seed's initialisation.
     base_path = init_from or run.get("base_checkpoint")
 
     step, trained = restore_trainable(model_dir, model, step)
@@ -298,180 +250,122 @@ def export_run(
         init_from,
         run.get("instruction_encoder_checkpoint"),
     )
-    trained_t5 = sorted(p for p in trained if p.startswith("t5/"))
-    reference = base_path is not None and not trained_t5 and not include_base
-
-    def kept(path: str) -> bool:
-        if path in trained:
-            return True
-        if not path.startswith("t5/"):
-            return True  # e.g. a frozen separate instruction encoder (the teacher's)
-        # Frozen backbone leaves the base lacks came from the seed: only a reference loses them.
-        return reference and path not in provided
-
-    merged = {**initial, **trained}
-    exported = {p: v for p, v in merged.items() if kept(p)}
-
-    tmp = out + ".tmp"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)  # a stale half-written export from an interrupted run
-    os.makedirs(tmp)
-    import orbax.checkpoint as ocp
-
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(tmp, PARAMS_DIR), exported)
-    checkpointer.wait_until_finished()
-    if reference:
-        base_info = {
-            "path": os.path.abspath(base_path),
-            "kind": "reference",
-            "fingerprint": fingerprint({p: initial[p] for p in provided}),
-        }
-    else:
-        from tagi_jax.convert import param_checkpoint
-
-        full = state_lib.merge(merged, {}, jax.tree.structure(tagi.abstract_params(model)))
-        param_checkpoint.save(os.path.join(tmp, BASE_DIR), model.t5, full["t5"])
-        base_info = {"path": BASE_DIR, "kind": "included"}
-    _write_json(os.path.join(tmp, BASE_FILE), base_info)
-    n_train = sum(int(np.prod(v.shape)) for v in trained.values())
-    _write_json(
-        os.path.join(tmp, INFO_FILE),
-        {
+    reference = None
+    if base_by_reference:
+        trained_t5 = sorted(p for p in trained if p.startswith("t5/"))
+        if base_path is None or trained_t5:
+            why = (
+                "the run has no base checkpoint"
+                if base_path is None
+                else f"its backbone trained ({listing(trained_t5)})"
+            )
+            raise ExportError(f"cannot keep {model_dir}'s backbone by reference: {why}")
+        reference = export_format.BaseReference(
+            path=backbone.resolve(base_path),
+            provided=frozenset(provided),
+            fingerprint=export_format.fingerprint({p: initial[p] for p in provided}),
+        )
+    structure = jax.tree.structure(tagi.abstract_params(model))
+    params = export_format.unflatten({**initial, **trained}, structure)
+    export_format.save(
+        out,
+        model,
+        params,
+        vocabulary=run["data"].get("vocabulary", "byte"),
+        data=export_format.data_settings(run["data"]),
+        info={
             "step": int(step),
             "model_dir": model_dir,
-            "time": time.time(),
-            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "base": base_info,
             "run_base_checkpoint": run.get("base_checkpoint"),
             "run_init_from": init_from,
             "seed": seed,
             "trainable_tensors": len(trained),
-            "trainable_parameters": n_train,
-            "exported_tensors": len(exported),
+            "trainable_parameters": sum(int(np.prod(v.shape)) for v in trained.values()),
         },
+        base_reference=reference,
+        overwrite=overwrite,
     )
-    # The config goes last: a directory with a tagi_config.json has everything else.
-    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-        f.write(model.to_json())
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    print(
-        f"wrote {out} ({_mib(out):.2f} MiB): {len(exported)} tensors in {PARAMS_DIR}/ "
-        f"({_mib(os.path.join(out, PARAMS_DIR)):.2f} MiB), backbone "
-        + (
-            f"by reference to {base_info['path']}"
-            if reference
-            else f"included in {BASE_DIR}/ ({_mib(os.path.join(out, BASE_DIR)):.2f} MiB)"
-        )
+    where = (
+        f"by reference to {reference.path}"
+        if reference
+        else f"included in {export_format.BASE_DIR}/ "
+        f"({_mib(os.path.join(out, export_format.BASE_DIR)):.2f} MiB)"
     )
+    print(f"wrote {out} ({_mib(out):.2f} MiB), backbone {where}")
     return out
 
 
-def _write_json(path: str, value: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
+# --- PyTorch outputs ---------------------------------------------------------------------------
 
 
-# --- loading -----------------------------------------------------------------------------------
+def _instruction_tokens(loaded: export_format.Export, instruction: str) -> np.ndarray:
+    """The instruction as the hypernetwork reads it: the export's vocabulary, trimmed to the
+    instruction length the student trained with."""
+    from tagi_jax.evaluation import ni_eval
+
+    length = loaded.data.get("feature_lengths", {}).get("hyper_inputs", 1024)
+    return ni_eval.encode_padded(loaded.vocabulary(), [instruction], length)
 
 
-def read_config(path: str) -> TagiConfig:
-    file = os.path.join(path, CONFIG_FILE)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"export directory does not exist: {path}")
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {path}: not a complete tagi_jax export")
-    try:
-        with open(file) as f:
-            return TagiConfig.from_json(f.read())
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ExportError(f"cannot read {file}: {e}") from e
+def export_peft(
+    export_dir: str, instruction: str, out: str, *, fused_states: bool = False, overwrite=False
+) -> str:
+    """The adapters generated for ``instruction`` as a PEFT LoRA directory (see
+    ``tagi_jax.convert.peft_export``)."""
+    from tagi_jax.convert import peft_export
 
-
-def _base_info(path: str) -> tuple[str, str, dict]:
-    """``(kind, location, base.json)``; a relative location is inside the export."""
-    file = os.path.join(path, BASE_FILE)
-    try:
-        with open(file) as f:
-            info = json.load(f)
-        kind, location = info["kind"], info["path"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ExportError(f"cannot read {file}: {e}") from e
-    if kind not in ("reference", "included"):
-        raise ExportError(f"{file}: kind {kind!r} is not reference/included")
-    return kind, os.path.join(path, location), info  # join keeps an absolute location as is
-
-
-def load_export(path: str, *, verify_base: bool = True) -> tuple[TagiConfig, Any]:
-    """``(config, params)``: the full parameter tree of an export, on one device.
-
-    ``verify_base``: check a referenced base against the fingerprint taken at export (hashes
-    every backbone tensor: seconds for a billion parameters), refusing a base that changed.
-    """
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(path)
-    model = read_config(path)
-    abstract = trainable.flatten(tagi.abstract_params(model))
-    kind, location, info = _base_info(path)
-    if not os.path.isdir(location):
-        raise FileNotFoundError(
-            f"the export's base ({kind}, {os.path.join(path, BASE_FILE)}) does not exist: "
-            f"{location}"
-        )
-    _, base = load_base(location)
-    base_flat = {f"t5/{p}": v for p, v in trainable.flatten(base).items()}
-    extra = sorted(set(base_flat) - {p for p in abstract if p.startswith("t5/")})
-    if extra:
-        raise ExportError(
-            f"base {location} has parameters the config's backbone does not: {_listing(extra)}"
-        )
-    _check_shapes(location, {p: tuple(v.shape) for p, v in base_flat.items()}, abstract, "base")
-    expected = info.get("fingerprint")
-    if verify_base and kind == "reference" and expected and fingerprint(base_flat) != expected:
-        raise ExportError(
-            f"the base {location} is not the one {path} was exported against (its tensors "
-            "changed since: a resumed or retrained run?); export the run again, or pass "
-            "verify_base=False to use it anyway"
-        )
-
-    params_path = os.path.join(path, PARAMS_DIR)
-    if not os.path.isdir(params_path):
-        raise FileNotFoundError(f"missing {params_path}: the export has no parameters")
-    checkpointer = ocp.StandardCheckpointer()
-    metadata = checkpointer.metadata(params_path)
-    metadata = getattr(metadata, "item_metadata", metadata)  # orbax versions differ here
-    unknown = sorted(set(metadata) - set(abstract))
-    if unknown:
-        raise ExportError(f"{params_path} has parameters the config does not: {_listing(unknown)}")
-    _check_shapes(
-        params_path, {p: tuple(m.shape) for p, m in metadata.items()}, abstract, "exported"
+    loaded = export_format.load(export_dir)
+    peft_export.write_peft(
+        loaded.config,
+        loaded.params,
+        _instruction_tokens(loaded, instruction),
+        out,
+        vocabulary=loaded.vocabulary_spec,
+        fused_states=fused_states,
+        overwrite=overwrite,
     )
-    saved = checkpointer.restore(params_path, _single_device_target(dict(metadata)))
-    missing = sorted(set(abstract) - set(base_flat) - set(saved))
-    if missing:
-        raise ExportError(
-            f"neither the base {location} nor {params_path} holds: {_listing(missing)}"
-        )
-    structure = jax.tree.structure(tagi.abstract_params(model))
-    return model, state_lib.merge({**base_flat, **saved}, {}, structure)
+    print(f"wrote {os.path.abspath(out)} (PEFT LoRA for one instruction, HF base in base/)")
+    return os.path.abspath(out)
 
 
-def _check_shapes(where: str, shapes: dict[str, tuple], abstract: Flat, what: str) -> None:
-    wrong = [
-        f"{p} {shape} (config: {tuple(abstract[p].shape)})"
-        for p, shape in sorted(shapes.items())
-        if shape != tuple(abstract[p].shape)
-    ]
-    if wrong:
-        raise ExportError(
-            f"{what} parameters in {where} do not fit the config: " + "; ".join(wrong)
+def export_hf(export_dir: str, out: str, *, instruction: str | None = None, overwrite=False):
+    """The student's backbone (merged with ``instruction``'s adapters when given) as a Hugging
+    Face T5 directory with tokenizer files (see ``tagi_jax.convert.hf_export``)."""
+    from tagi_jax.convert import hf_export
+
+    loaded = export_format.load(export_dir)
+    if instruction is not None:
+        hf_export.write_task_hf(
+            loaded.config,
+            loaded.params,
+            _instruction_tokens(loaded, instruction),
+            out,
+            vocabulary=loaded.vocabulary_spec,
+            overwrite=overwrite,
         )
+    else:
+        hf_export.write_hf(
+            loaded.config.t5,
+            loaded.params["t5"],
+            out,
+            vocabulary=loaded.vocabulary_spec,
+            overwrite=overwrite,
+        )
+    what = "merged with one instruction's adapters" if instruction else "backbone"
+    print(f"wrote {os.path.abspath(out)} (Hugging Face T5, {what})")
+    return os.path.abspath(out)
 
 
 # --- CLI ---------------------------------------------------------------------------------------
+
+
+def _export_source(args) -> str:
+    """``--export`` or, for a finished run, ``--model_dir``'s own export."""
+    if args.export:
+        return args.export
+    if args.model_dir:
+        return os.path.join(args.model_dir, backbone.RUN_EXPORT_DIR)
+    raise ValueError("--peft and --hf need --export E (or --model_dir of a finished run)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -480,22 +374,55 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model_dir", required=True, help="a tagi_jax.train MODEL_DIR")
-    parser.add_argument("--out", required=True, help="the export directory to write")
+    parser.add_argument("--model_dir", help="a tagi_jax.train MODEL_DIR")
+    parser.add_argument("--export", help="an export directory (for --peft / --hf)")
+    parser.add_argument("--out", required=True, help="the directory to write")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     parser.add_argument(
-        "--include_base", action="store_true", help="copy the backbone even if a reference works"
+        "--base_by_reference",
+        action="store_true",
+        help="keep the backbone by path + fingerprint instead of copying it in",
+    )
+    parser.add_argument("--peft", action="store_true", help="write a PEFT LoRA directory")
+    parser.add_argument("--hf", action="store_true", help="write a Hugging Face T5 directory")
+    parser.add_argument("--instruction", help="the task instruction (--peft; --hf: merge it)")
+    parser.add_argument(
+        "--fused_states",
+        action="store_true",
+        help="--peft for a fusion student: also write the encoded instruction (see peft_export)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        export_run(
-            args.model_dir,
-            args.out,
-            step=args.step,
-            include_base=args.include_base,
-            overwrite=args.overwrite,
-        )
+        if args.peft and args.hf:
+            raise ValueError("--peft and --hf are separate outputs: pass one")
+        if args.peft:
+            if not args.instruction:
+                raise ValueError("--peft needs --instruction: the adapters are one task's")
+            export_peft(
+                _export_source(args),
+                args.instruction,
+                args.out,
+                fused_states=args.fused_states,
+                overwrite=args.overwrite,
+            )
+        elif args.hf:
+            export_hf(
+                _export_source(args),
+                args.out,
+                instruction=args.instruction,
+                overwrite=args.overwrite,
+            )
+        else:
+            if not args.model_dir:
+                raise ValueError("--model_dir is required (or --peft / --hf with --export)")
+            export_run(
+                args.model_dir,
+                args.out,
+                step=args.step,
+                base_by_reference=args.base_by_reference,
+                overwrite=args.overwrite,
+            )
     except (OSError, ValueError) as e:  # ExportError, CheckpointError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

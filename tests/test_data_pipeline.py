@@ -393,16 +393,26 @@ def test_one_gin_niconfig_reaches_training_the_teacher_stage_and_evaluation(tmp_
         f"--gin.BASE_CHECKPOINT='{tmp_path}'",
     )
     teacher_data = seen.pop("data")
+    # Evaluation formats with the export's NIConfig (what the student trained with) and the
+    # run file's bindings on top: an export whose student read the input alone.
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    (export_dir / "tagi_config.json").write_text("{}")  # read_data needs a complete export
+    trained = dataclasses.asdict(ni.NIConfig(student_input="input_only", num_pos_examples=0))
+    (export_dir / "data.json").write_text(json.dumps({"ni": trained}))
+    (export_dir / "vocabulary.json").write_text(json.dumps({"kind": "byte"}))
     monkeypatch.setattr(ni, "iter_examples", capture("evaluate", 2))  # (dir, split, config)
     run(
         pipeline.evaluate,
         "runs/evaluate_suite.gin",
-        f"--gin.EXPORT_DIR='{tmp_path}'",
+        f"--gin.EXPORT_DIR='{export_dir}'",
         f"--gin.OUTPUT_DIR='{tmp_path / 'eval'}'",
     )
     monkeypatch.undo()
     assert train_data.ni == teacher_data.ni == expected
-    assert seen["evaluate"] == expected
+    assert seen["evaluate"] == dataclasses.replace(
+        expected, student_input="input_only", num_pos_examples=0
+    )
 
     # ... and it is what their data is made with: Tk-Instruct's budget on every teacher source
     # (the feature length, 320, would let longer ones through), 3 instances per task.

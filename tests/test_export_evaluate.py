@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from tagi_jax import export
+from tagi_jax.artifacts import backbone, export_format
 from tagi_jax.models import tagi, trainable
-from tagi_jax.training import loop
 from tagi_jax.training import state as state_lib
 
 ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
@@ -80,7 +80,8 @@ def exported(run, tmp_path_factory):
 
 
 def test_export_layout_and_exact_parameters(run, exported):
-    for name in ("tagi_config.json", "params", "base.json", "export.json", "t5/t5_config.json"):
+    files = ("tagi_config.json", "params", "base.json", "export.json", "t5/t5_config.json")
+    for name in (*files, "vocabulary.json", "data.json"):
         assert os.path.exists(os.path.join(exported, name)), name
     assert not os.path.exists(exported + ".tmp")
     with open(os.path.join(exported, "base.json")) as f:
@@ -88,8 +89,20 @@ def test_export_layout_and_exact_parameters(run, exported):
     with open(os.path.join(exported, "export.json")) as f:
         info = json.load(f)
     assert info["step"] == 4 and info["model_dir"] == os.path.abspath(run)
+    assert info["format_version"] == export_format.FORMAT_VERSION
+    with open(os.path.join(exported, "vocabulary.json")) as f:
+        assert json.load(f) == {"kind": "byte"}
+    with open(os.path.join(run, "run.json")) as f:
+        data = json.load(f)["data"]
+    settings = export_format.read_data(exported)
+    assert settings["task"] == data["task"]
+    assert settings["feature_lengths"] == dict(data["feature_lengths"])
+    assert settings["ni"]["student_input"] == data["ni"]["student_input"]
+    assert settings["ni"]["num_pos_examples"] == 2  # resolved from the task's _def_pos2 variant
 
-    model, params = export.load_export(exported)
+    loaded = export_format.load(exported)
+    model, params = loaded.config, loaded.params
+    assert loaded.vocabulary_spec == "byte" and loaded.data == settings
     # Independently: the checkpoint's trainable partition merged into the seed's frozen init.
     import orbax.checkpoint as ocp
 
@@ -106,43 +119,45 @@ def test_export_layout_and_exact_parameters(run, exported):
     logits, _ = tagi.forward(model, params, batch)
     reference, _ = tagi.forward(model, from_loop, batch)
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(reference))
-    # E/t5 is a base in its own right.
-    _, t5_params = loop.load_base(os.path.join(exported, "t5"))
-    _assert_trees_equal(t5_params, params["t5"])
+    # E/t5, and the export itself, are bases in their own right.
+    for source in (os.path.join(exported, "t5"), exported, run):
+        _assert_trees_equal(backbone.load_t5(source)[1], params["t5"])
+    # The loop's export and this one are the same format, read by the same reader.
+    assert export_format.read_data(os.path.join(run, "export")) == settings
 
 
 def _loop_export(model_dir, model):
     """The whole student the training loop exported at the end of the run."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.join(model_dir, loop.EXPORT_DIR, "tagi", "params")
-    return ocp.StandardCheckpointer().restore(path, tagi.abstract_params(model))
+    loaded = export_format.load(os.path.join(model_dir, "export"))
+    assert loaded.config == model
+    return loaded.params
 
 
 def test_export_with_base_reference(run, suite, tmp_path):
     base = os.path.join(run, "export", "t5")
     second = _train(str(tmp_path / "second"), suite, 2, f"--gin.train.base_checkpoint='{base}'")
     out = str(tmp_path / "e")
-    result = _run("tagi_jax.export", "--model_dir", second, "--out", out)
+    result = _run("tagi_jax.export", "--model_dir", second, "--out", out, "--base_by_reference")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reference" in result.stdout and "MiB" in result.stdout
     with open(os.path.join(out, "base.json")) as f:
         info = json.load(f)
     assert info["path"] == os.path.abspath(base) and info["kind"] == "reference"
-    assert info["fingerprint"] == export.fingerprint(
-        {f"t5/{p}": v for p, v in trainable.flatten(loop.load_base(base)[1]).items()}
+    assert info["fingerprint"] == export_format.fingerprint(
+        {f"t5/{p}": v for p, v in trainable.flatten(backbone.load_t5(base)[1]).items()}
     )
     assert not os.path.exists(os.path.join(out, "t5"))
-    model, params = export.load_export(out)
+    loaded = export_format.load(out)
+    model, params = loaded.config, loaded.params
     _assert_trees_equal(params, _loop_export(second, model))
-    _assert_trees_equal(params["t5"], loop.load_base(base)[1])
-    # --include_base copies the backbone instead
-    included = export.export_run(second, str(tmp_path / "inc"), include_base=True)
+    _assert_trees_equal(params["t5"], backbone.load_t5(base)[1])
+    # by default the backbone is copied in, so the directory works anywhere
+    included = export.export_run(second, str(tmp_path / "inc"))
     with open(os.path.join(included, "base.json")) as f:
         assert json.load(f)["kind"] == "included"
-    _assert_trees_equal(export.load_export(included)[1], params)
+    _assert_trees_equal(export_format.load(included).params, params)
     # a base that changed since the export is refused (verify_base=False takes it anyway)
-    changed = loop.load_base(base)[1]
+    changed = backbone.load_t5(base)[1]
     changed["decoder"]["final_layer_norm"]["scale"] = (
         changed["decoder"]["final_layer_norm"]["scale"] + 1.0
     )
@@ -153,14 +168,17 @@ def test_export_with_base_reference(run, suite, tmp_path):
     shutil.copytree(out, moved)
     with open(os.path.join(moved, "base.json"), "w") as f:
         json.dump(dict(info, path=str(tmp_path / "changed")), f)
-    with pytest.raises(export.ExportError, match="changed"):
-        export.load_export(moved)
-    _assert_trees_equal(export.load_export(moved, verify_base=False)[1]["t5"], changed)
+    with pytest.raises(export_format.ExportError, match="changed"):
+        export_format.load(moved)
+    _assert_trees_equal(export_format.load(moved, verify_base=False).params["t5"], changed)
     # a reference that went away is named
     with open(os.path.join(moved, "base.json"), "w") as f:
         json.dump({"path": str(tmp_path / "gone"), "kind": "reference"}, f)
     with pytest.raises(FileNotFoundError, match="gone"):
-        export.load_export(moved)
+        export_format.load(moved)
+    # a run whose backbone trained, or that has no base, cannot keep it by reference
+    with pytest.raises(export_format.ExportError, match="no base checkpoint"):
+        export.export_run(run, str(tmp_path / "ref"), base_by_reference=True)
 
 
 def test_overwrite_is_refused_unless_asked(run, exported, tmp_path):
@@ -174,7 +192,7 @@ def test_overwrite_is_refused_unless_asked(run, exported, tmp_path):
     export.export_run(run, out, step=4, overwrite=True)
     assert os.path.isfile(os.path.join(out, "export.json"))
     assert sorted(os.listdir(tmp_path)) == ["e"]  # no leftover e.tmp
-    export.load_export(out)
+    export_format.load(out)
 
 
 def test_bad_inputs_name_the_path(run, tmp_path):
@@ -193,9 +211,11 @@ def test_bad_inputs_name_the_path(run, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"step 99 .*available steps: 4"):
         export.export_run(run, str(tmp_path / "e"), step=99)
     with pytest.raises(FileNotFoundError, match="not_an_export"):
-        export.load_export(str(tmp_path / "not_an_export"))
-    with pytest.raises(FileNotFoundError, match="tagi_config.json"):
-        export.load_export(str(empty))
+        export_format.load(str(tmp_path / "not_an_export"))
+    with pytest.raises(export_format.ExportError, match="tagi_config.json"):
+        export_format.load(str(empty))
+    with pytest.raises(export_format.ExportError, match="a training run, not an export"):
+        export_format.load(run)
     assert not os.path.exists(tmp_path / "e")
 
 
@@ -313,15 +333,15 @@ def test_gin_files_parse_and_bind(name):
     gin.clear_config()
     try:
         gin.add_config_file_search_path(os.path.join(ROOT, "gin_configs"))
-        macros = ("MODEL_DIR", "DATA_DIR", "EXPORT_DIR", "OUTPUT_DIR", "VOCABULARY")
+        macros = ("MODEL_DIR", "DATA_DIR", "EXPORT_DIR", "OUTPUT_DIR")
         gin.parse_config_files_and_bindings(
             [os.path.join(ROOT, "gin_configs", "runs", name)], [f"{m} = '/{m}'" for m in macros]
         )
         assert str(gin.query_parameter("evaluate.export_dir")) == "%EXPORT_DIR"
         assert gin.query_parameter("%EXPORT_DIR") == "/EXPORT_DIR"
-        lengths = 256 if "suite" in name else 1024
-        assert gin.query_parameter("evaluate.input_length") == lengths
-        assert gin.query_parameter("evaluate.instruction_length") == lengths
-        assert gin.query_parameter("evaluate.max_decode_len") == (40 if "suite" in name else 128)
+        # the vocabulary and the lengths are the export's, not restated by the run file
+        for setting in ("vocabulary", "input_length", "instruction_length"):
+            with pytest.raises(ValueError):
+                gin.query_parameter(f"evaluate.{setting}")
     finally:
         gin.clear_config()

@@ -232,11 +232,11 @@ def _stop_after_the_check(monkeypatch):
 
 def _run_stage():
     """What `python -m tagi_jax.train` / `python -m tagi_jax.evaluate` run for the parsed file."""
-    from tagi_jax.evaluation import pipeline
+    from tagi_jax import evaluate
     from tagi_jax.training import stages
 
-    evaluate = any(line.startswith("evaluate.") for line in gin.config_str().splitlines())
-    return pipeline.evaluate() if evaluate else stages.run()
+    # evaluate.py runs the evaluation job (evaluate or evaluate_p3) a file binds
+    return evaluate.run_configured() if evaluate.bound_jobs(gin.config_str()) else stages.run()
 
 
 @pytest.mark.parametrize("path", RUN_FILES, ids=os.path.basename)
@@ -254,13 +254,13 @@ def test_every_run_file_binding_is_used_by_its_stage(path, monkeypatch):
 def test_sni_run_files_switch_on_tk_instructs_source_budget():
     from tagi_jax import train
 
-    for name in ("finetune_sni", "metatrain_sni", "lora_teachers_sni", "evaluate_sni"):
+    # (evaluate_sni.gin takes the budget from the export: the NIConfig the student trained with)
+    for name in ("finetune_sni", "metatrain_sni", "lora_teachers_sni"):
         flags = [f"--gin_file=runs/{name}.gin"]
         flags += [f"--gin.{m}='/tmp/{m.lower()}'" for m in REQUIRED_MACROS]
         with train.configured(flags):
             assert configurables.ni_config().max_source_length == 1024, name
-            if name != "evaluate_sni":
-                assert loop.DataConfig().ni.max_source_length == 1024, name
+            assert loop.DataConfig().ni.max_source_length == 1024, name
 
 
 def test_an_unused_binding_is_one_clear_error(tmp_path, capsys):

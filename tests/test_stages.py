@@ -145,10 +145,10 @@ def test_authors_code_encodes_instructions_with_the_teachers_encoder(tmp_path, s
     """methods/authors_code.gin: the separate frozen instruction encoder holds the logit
     teacher's encoder (by default, as the authors' collator), through the trainer, its
     checkpoints and the export, not a random initialisation."""
-    import orbax.checkpoint as ocp
 
     from tagi_jax import export
-    from tagi_jax.models import tagi, trainable
+    from tagi_jax.artifacts import backbone, export_format
+    from tagi_jax.models import trainable
     from tagi_jax.training import loop
 
     authors = ("--gin_file=methods/authors_code.gin", "--gin_file=methods/tiny_hyper.gin")
@@ -160,7 +160,7 @@ def test_authors_code_encodes_instructions_with_the_teachers_encoder(tmp_path, s
     assert run["instruction_encoder_checkpoint"] == os.path.abspath(metatrain)
     model = export.read_run(model_dir)["model"]
     assert model.hyper.instruction_encoder == "separate"
-    _, teacher = loop.load_base(metatrain)
+    _, teacher = backbone.load_t5(metatrain)
     expected = {
         f"instruction_encoder/{p}": v
         for p, v in trainable.flatten(
@@ -168,13 +168,10 @@ def test_authors_code_encodes_instructions_with_the_teachers_encoder(tmp_path, s
         ).items()
     }
     loop_export = trainable.flatten(
-        ocp.StandardCheckpointer().restore(
-            os.path.join(model_dir, loop.EXPORT_DIR, "tagi", "params"),
-            tagi.abstract_params(model),
-        )
+        export_format.load(os.path.join(model_dir, loop.EXPORT_DIR)).params
     )
     exported = trainable.flatten(
-        export.load_export(export.export_run(model_dir, str(tmp_path / "e")))[1]
+        export_format.load(export.export_run(model_dir, str(tmp_path / "e"))).params
     )
     for params in (loop_export, exported):
         encoder = {p: v for p, v in params.items() if p.startswith("instruction_encoder/")}

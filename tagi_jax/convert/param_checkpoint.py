@@ -50,9 +50,14 @@ def read_config(directory: str) -> T5Config:
 
 
 def load(
-    directory: str, *, mesh: Mesh | None = None, axis_rules: AxisRules = DEFAULT_RULES
+    directory: str,
+    *,
+    mesh: Mesh | None = None,
+    axis_rules: AxisRules = DEFAULT_RULES,
+    shardings: Any = None,
 ) -> tuple[T5Config, Any]:
-    """Restores ``(config, params)``, sharded over ``mesh`` when one is given."""
+    """Restores ``(config, params)``, sharded over ``mesh`` when one is given (or placed by
+    ``shardings``, a tree matching the parameters)."""
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise CheckpointError(f"parameter checkpoint directory does not exist: {directory}")
@@ -61,7 +66,8 @@ def load(
     if not os.path.isdir(params_path):
         raise CheckpointError(f"missing {params_path}: the checkpoint has no parameters")
     abstract = t5.abstract_params(config)
-    shardings = shardings_or_single_device(t5.param_logical_axes(config), mesh, axis_rules)
+    if shardings is None:
+        shardings = shardings_or_single_device(t5.param_logical_axes(config), mesh, axis_rules)
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )

@@ -115,16 +115,15 @@ def training_batches(
     lengths = dict(feature_lengths)
     if not with_teacher:
         lengths.pop("teacher_inputs", None)
-    ds = seqio.get_dataset(
-        task,
-        task_feature_lengths=conv.task_feature_lengths(lengths),
-        dataset_split="train",
-        shuffle=True,
-        seed=seed,
-        num_epochs=None,
-        feature_converter=conv,
+    lengths = conv.task_feature_lengths(lengths)
+    provider = seqio.get_mixture_or_task(task)
+    # A Mixture keeps only its output features (the text streams); the scalar ids are not
+    # features (seqio would trim them like sequences), so they are passed through by name.
+    extra = {"passthrough_features": IDS} if isinstance(provider, seqio.Mixture) else {}
+    ds = provider.get_dataset(
+        lengths, split="train", shuffle=True, seed=seed, num_epochs=None, **extra
     )
-    return numpy_batches(ds, batch_size)
+    return numpy_batches(conv(ds, task_feature_lengths=lengths), batch_size)
 
 
 def numpy_batches(dataset: tf.data.Dataset, batch_size: int, *, drop_remainder: bool = True):

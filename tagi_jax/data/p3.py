@@ -41,7 +41,7 @@ import random
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from importlib.resources.abc import Traversable
 from typing import Any, Literal
 
@@ -370,6 +370,7 @@ def render_dataset(
     max_examples: int | None = None,
     on_error: OnError = "raise",
     seed: int = 0,
+    keep: Callable[[Template], bool] | None = None,
 ) -> dict[str, int]:
     """Renders every template of a dataset over its raw records into the P3 layout.
 
@@ -392,6 +393,8 @@ def render_dataset(
       on_error: ``raise`` on the first failing render, or ``skip`` it and report every skipped
         render in one warning at the end.
       seed: seed of the per-task RNG.
+      keep: renders only the templates it returns True for (e.g. T0's evaluation prompts:
+        ``original_task``); None keeps all.
 
     Returns:
       ``{task directory name: rows written}`` (score_eval rows count one per choice).
@@ -405,6 +408,8 @@ def render_dataset(
     counts: dict[str, int] = {}
     for template in load_templates(templates_yaml_path):
         if score_eval and template.answer_choices is None:
+            continue
+        if keep is not None and not keep(template):
             continue
         examples, empty = _render_examples(
             template,

@@ -124,6 +124,32 @@ def group_names(p3_dir: str, group_by: str) -> list[str]:
     return names if group_by == "task" else [*datasets, "uncategorized"]
 
 
+def training_texts(p3_dir: str, group_by: str, split: str = "train") -> dict[str, list]:
+    """``{group: [(prompt, target), ...]}`` of the T0 training tasks in ``p3_dir``, grouped
+    as ``group_names`` names them (``task``: the task directory; ``category``: its dataset):
+    what the ``lora_teachers`` stage trains one P3 teacher per group on (the teacher reads the
+    prompt, as ``teacher_inputs`` is the prompt for P3)."""
+    if group_by not in ("task", "category"):
+        raise ValueError(f"group_by={group_by!r} is not task/category")
+    names, datasets, category = _task_names_and_categories(p3_dir)
+    train_keys, _ = _dataset_keys()
+    grouped: dict[str, list] = {}
+    for name in names:
+        if name.endswith(SCORE_EVAL) or not any(_belongs(name, d) for d in train_keys.values()):
+            continue
+        key = name if group_by == "task" else datasets[category(name)]
+        rows = _rows(_split_file(os.path.join(p3_dir, name), split))
+        grouped.setdefault(key, []).extend(
+            (row["inputs_pretokenized"], row["targets_pretokenized"]) for row in rows
+        )
+    if not grouped:
+        raise FileNotFoundError(
+            f"{p3_dir} holds no task of a T0 training dataset (tagi_jax/data/lists/"
+            "t0_train_datasets.txt): nothing to train P3 LoRA teachers on"
+        )
+    return grouped
+
+
 def register_p3(
     p3_dir: str,
     vocabulary,

@@ -316,10 +316,30 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("\n".join(comparison.table(results, "metatrain")))
     print()
+    _predictor_demo(os.path.join(workdir, "export", "tagi"), suite_dir, tasks[0])
+    print()
     print(f"report: {paths['results.md']}, figure: {paths['results.png']}")
     print(f"checkpoints and metrics: {workdir}/<stage>/; exports: {workdir}/export/")
     print(f"done in {total:.0f}s")
     return 0
+
+
+def _predictor_demo(export_dir: str, suite_dir: str, task_name: str, count: int = 3) -> None:
+    """The exported student used as a user would (``tagi_jax.predictor``): a held-out task's
+    Definition and a few of its inputs in, answers out."""
+    from tagi_jax.data import ni as ni_lib
+    from tagi_jax.predictor import Predictor
+
+    task = ni_lib.load_task(os.path.join(suite_dir, "tasks", f"{task_name}.json"))
+    definition = task["Definition"][0]
+    instances = task["Instances"][:count]
+    predictor = Predictor.load(export_dir, batch_size=count)
+    answers = predictor.generate_ni(definition, [x["input"] for x in instances])
+    print(f"the exported student on held-out {task_name} (tagi_jax.predictor):")
+    print(f"  Definition: {definition}")
+    for instance, answer in zip(instances, answers, strict=True):
+        print(f"  {instance['input']!r} -> {answer!r} (reference {instance['output'][0]!r})")
+    print(f"  try: python -m tagi_jax.predict --export {export_dir} --input rows.jsonl ...")
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def score_row(row: Row, settings: Settings) -> dict:
     """Scores and costs ``row`` on ``settings.split``: a dict with ``overall``,
     ``per_category``, ``per_task`` (``ni_metrics.score``), ``predictions`` and ``examples``
     (task, id and references of each), ``cost`` and ``row``."""
-    from tagi_jax import export
+    from tagi_jax.artifacts import export_format
     from tagi_jax.data import ni as ni_lib
     from tagi_jax.data import vocab as vocab_lib
     from tagi_jax.evaluation import ni_eval
@@ -123,7 +123,8 @@ def score_row(row: Row, settings: Settings) -> dict:
     examples = list(ni_lib.iter_examples(settings.task_dir, settings.split, ni, vocabulary=vocab))
     if not examples:
         raise ValueError(f"no {settings.split!r} examples in {settings.task_dir}")
-    model, params = export.load_export(row.export_dir)
+    loaded = export_format.load(row.export_dir)
+    model, params = loaded.config, loaded.params
     if vocab.vocab_size > model.t5.logits_width:
         raise ValueError(
             f"{row.label}: vocabulary {settings.vocabulary!r} has {vocab.vocab_size} ids, the "

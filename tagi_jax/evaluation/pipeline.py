@@ -1,7 +1,7 @@
 """The gin-configured evaluation behind ``python -m tagi_jax.evaluate``: score an export on
 natural-instructions tasks.
 
-Reads an export written by ``python -m tagi_jax.export`` (``export.load_export``), formats a
+Reads an export (``tagi_jax.artifacts.export_format``), takes its defaults from it, formats a
 split of a natural-instructions directory (SNI's layout or the built-in suite of
 ``tagi_jax.data.synthetic.write_suite``) with ``ni.iter_examples``, decodes greedily with
 adapters generated once per task (``ni_eval.evaluate``) and writes to ``OUTPUT_DIR``:
@@ -97,6 +97,42 @@ def write_report(
     return report
 
 
+def _ni_for_export(data: dict, ni: NIConfig | None) -> NIConfig:
+    """``evaluate.ni`` if given, else the export's NIConfig with the run file's ``NIConfig.*``
+    bindings on top (a binding overrides; what the run file does not say, the export does)."""
+    from tagi_jax import configurables
+
+    if ni is not None:
+        return ni
+    bound = gin.get_bindings("NIConfig")
+    trained = data.get("ni") or {}
+    # Calling the configurable (rather than NIConfig) lets gin fill the bound fields, so they
+    # count as read by this stage (gin_check) and are checked like any binding.
+    return configurables.ni_config(**{k: v for k, v in trained.items() if k not in bound})
+
+
+def _vocabulary_for_export(spec: str, override: str | None) -> str:
+    """The export's vocabulary; an override must be the same vocabulary (the student's
+    embeddings and logits are tied to its ids)."""
+    from tagi_jax.artifacts import export_format
+
+    if override is None or override == spec:
+        return spec
+    if spec == "byte" or override == "byte":
+        same = False
+    else:
+        file = export_format.spiece_file(override)
+        same = os.path.isfile(file) and export_format.file_sha256(file) == (
+            export_format.file_sha256(spec)
+        )
+    if not same:
+        raise ValueError(
+            f"evaluate.vocabulary={override!r} is not the vocabulary the student was trained "
+            f"with ({spec}, stored in the export): drop the binding to use the export's"
+        )
+    return spec
+
+
 @gin.configurable("evaluate")
 def evaluate(
     *,
@@ -105,41 +141,52 @@ def evaluate(
     task_dir: str = gin.REQUIRED,
     split: str = "test",
     ni: NIConfig | None = None,
-    vocabulary: str = "byte",
-    input_length: int = 1024,
-    instruction_length: int = 1024,
-    max_decode_len: int = 128,
+    vocabulary: str | None = None,
+    input_length: int | None = None,
+    instruction_length: int | None = None,
+    max_decode_len: int | None = None,
     batch_size: int = 32,
+    beam_size: int = 1,
+    length_penalty_alpha: float = 0.6,
     compare_base: bool = False,
 ) -> dict:
     """Evaluates the export in ``export_dir`` on ``split`` of ``task_dir``; returns what
     ``results.json`` holds.
 
-    ``ni``: how the examples are formatted, the same ``NIConfig`` training uses (default: the
-    gin-configured one, ``NIConfig.<field>`` in the run file): ``student_input`` (what the
-    adapted model reads), ``num_pos_examples`` (demonstrations in the instruction; unset: Def +
-    2 Pos), ``eval_instances_per_task`` (the first 100 of each task; on the ``train`` split
-    ``max_train_instances_per_task``, the seeded draw training uses), ``max_source_length``
-    (Tk-Instruct's budget, in ``vocabulary``'s tokens).
+    Unset settings come from the export (``data.json``: what the student trained with):
+    ``vocabulary`` (an override must be the same vocabulary), ``input_length``,
+    ``instruction_length`` and ``max_decode_len`` (the feature lengths), and ``ni``, how the
+    examples are formatted: the export's ``NIConfig`` with the run file's ``NIConfig.<field>``
+    bindings on top: ``student_input``, ``num_pos_examples`` (demonstrations in the
+    instruction: the paper evaluates a Def-trained student on Def + 2 Pos too),
+    ``eval_instances_per_task`` (the first 100 of each task; on the ``train`` split
+    ``max_train_instances_per_task``, the seeded draw training uses), ``max_source_length``.
+    ``beam_size`` 1 is greedy decoding (the paper's); larger beams use t5x's length penalty
+    ``length_penalty_alpha``.
     ``compare_base``: also decode with the backbone alone (no adapters, no instruction).
     """
-    from tagi_jax import configurables, export
+    from tagi_jax import configurables
+    from tagi_jax.artifacts import export_format
     from tagi_jax.data import ni as ni_lib
     from tagi_jax.data import vocab as vocab_lib
     from tagi_jax.evaluation import ni_eval
 
-    # Built before the check, so that NIConfig's bindings count as read by this stage.
-    ni = ni if ni is not None else configurables.ni_config()
-    gin_check.check_bindings_used("evaluate")
     start = time.time()
     export_dir, task_dir = os.path.abspath(export_dir), os.path.abspath(task_dir)
     output_dir = os.path.abspath(output_dir)
-    if not os.path.isdir(export_dir):
-        raise FileNotFoundError(f"export directory does not exist: {export_dir}")
+    if ni is None:
+        configurables.ni_config()  # so that NIConfig's bindings count as read by this stage
+    gin_check.check_bindings_used("evaluate")
+    data = export_format.read_data(export_dir)  # a missing / incomplete export fails here
+    ni = _ni_for_export(data, ni)
     if not os.path.isdir(task_dir):
         raise FileNotFoundError(f"task directory does not exist: {task_dir}")
     if batch_size < 1:
         raise ValueError(f"evaluate.batch_size must be >= 1, got {batch_size}")
+    lengths = {**data.get("feature_lengths", {})}
+    input_length = input_length or lengths.get("inputs", 1024)
+    instruction_length = instruction_length or lengths.get("hyper_inputs", 1024)
+    max_decode_len = max_decode_len or lengths.get("targets", 128)
     if ni.streams_shorter_than_budget({"inputs": input_length}):
         raise ValueError(
             f"evaluate.input_length={input_length} is shorter than NIConfig.max_source_length="
@@ -147,42 +194,39 @@ def evaluate(
             "dropped demonstrations to keep it"
         )
     ni_lib.read_split(task_dir, split)  # an unknown split fails here, naming the files looked for
+    vocabulary = _vocabulary_for_export(export_format.vocabulary_spec(export_dir), vocabulary)
     vocab = vocab_lib.from_name(vocabulary)
     examples = list(ni_lib.iter_examples(task_dir, split, ni, vocabulary=vocab))
 
-    model, params = export.load_export(export_dir)
-    if vocab.vocab_size > model.t5.logits_width:
-        raise ValueError(
-            f"vocabulary {vocabulary!r} has {vocab.vocab_size} ids, the exported model predicts "
-            f"{model.t5.logits_width}: wrong evaluate.vocabulary for this export?"
-        )
+    loaded = export_format.load(export_dir)
+    model, params = loaded.config, loaded.params
     per_task = collections.Counter(e["task_name"] for e in examples)
-    # ni_eval pads every batch to batch_size rows (one compilation for the whole evaluation):
+    # Every batch is padded to batch_size rows (one compilation for the whole evaluation):
     # no more rows than the largest task has, or small tasks decode mostly padding.
     rows = min(batch_size, max(per_task.values()))
     print(
         f"evaluating {export_dir} on {len(examples)} examples of {len(per_task)} tasks "
         f"({task_dir}, split {split!r}), batch {rows}"
     )
-    lengths = {
+    settings = {
         "input_length": input_length,
         "instruction_length": instruction_length,
         "max_decode_len": max_decode_len,
         "batch_size": rows,
     }
-    results = ni_eval.evaluate(model, params, examples, vocab, use_adapters=True, **lengths)
+    decoding = {"beam_size": beam_size, "alpha": length_penalty_alpha, "progress": True}
+    results = ni_eval.evaluate(
+        model, params, examples, vocab, use_adapters=True, **settings, **decoding
+    )
     base = None
     if compare_base:
-        base = ni_eval.evaluate(model, params, examples, vocab, use_adapters=False, **lengths)
+        base = ni_eval.evaluate(
+            model, params, examples, vocab, use_adapters=False, **settings, progress=True
+        )
 
-    info_path = os.path.join(export_dir, export.INFO_FILE)
-    info = {}
-    if os.path.isfile(info_path):
-        with open(info_path) as f:
-            info = json.load(f)
     header = {
         "export_dir": export_dir,
-        "step": info.get("step"),
+        "step": loaded.info.get("step"),
         "task_dir": task_dir,
         "split": split,
         "settings": {
@@ -191,6 +235,8 @@ def evaluate(
             "input_length": input_length,
             "instruction_length": instruction_length,
             "max_decode_len": max_decode_len,
+            "beam_size": beam_size,
+            "length_penalty_alpha": length_penalty_alpha,
         },
     }
     report = write_report(

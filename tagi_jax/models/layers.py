@@ -294,9 +294,21 @@ class MultiHeadAttention(nn.Module):
             # A memory given in parts (TAGI's [instruction ; input]) is projected part by
             # part and joined after: a part that takes no gradient (the frozen instruction
             # states) then costs no backward matmul, where the joined memory's would.
-            if isinstance(kv, tuple):
-                return jnp.concatenate([dense(part, lora) for part in kv], axis=1)
-            return dense(kv, lora)
+            if not isinstance(kv, tuple):
+                return dense(kv, lora)
+            rows = max(part.shape[0] for part in kv)
+            projected = []
+            for part in kv:
+                if part.shape[0] == 1 < rows:
+                    # One task's instruction shared by every row (decoding with the states
+                    # cached per task, tagi.greedy_decode): projected once, not once per
+                    # row, with that task's adapters (every row's are the task's: row 0's).
+                    one = None if lora is None else jax.tree.map(lambda x: x[:1], lora)
+                    part = dense(part, one)
+                    projected.append(jnp.broadcast_to(part, (rows, *part.shape[1:])))
+                else:
+                    projected.append(dense(part, lora))
+            return jnp.concatenate(projected, axis=1)
 
         project_key = functools.partial(over_parts, key, adapters.get("key"))
         project_value = functools.partial(over_parts, value, adapters.get("value"))

@@ -226,21 +226,29 @@ def _encode_student(
     """Everything before the decoder: ``(memory, memory_tokens, adapters, embedding)``.
 
     ``states``: the instruction already encoded (``encode_instruction``), e.g. once per task at
-    inference; then it is not encoded again."""
+    inference; then it is not encoded again. One row of states for a batch of rows is one
+    task's, shared by every row, whose adapters must then be that task's too."""
     first = embedding = None
     if states is None and _needs_instruction(config, adapters):
         states, first = encode_instruction(config, params, hyper_tokens, dropout_rng=rngs[0])
     if adapters is None and config.hyper.targets:
         adapters, embedding = adapters_from_states(config, params, states, hyper_tokens, first)
+    rows = enc_tokens.shape[0]
     encoded = t5.encode(
         config.t5,
         params["t5"],
         enc_tokens,
         adapters=adapters,
         dropout_rng=rngs[1],
-        instruction_states=states,
+        instruction_states=(
+            states
+            if states is None or states.shape[0] == rows
+            else jnp.broadcast_to(states, (rows, *states.shape[1:]))
+        ),
         instruction_tokens=hyper_tokens,
     )
+    # One task's states ([1, ...]) stay one row in the fused memory: the decoder's
+    # cross-attention projects them once for the batch (layers.MultiHeadAttention).
     memory, memory_tokens = _memory(config, encoded, enc_tokens, states, hyper_tokens)
     return memory, memory_tokens, adapters, embedding
 
@@ -251,17 +259,21 @@ def forward(
     batch: Mapping,
     *,
     adapters: lora.LoraAdapters | None = None,
+    instruction_states=None,
     dropout_rng=None,
 ):
     """``(logits, aux)``: float32 logits ``[batch, target_len, vocab]`` and
     ``aux = {"adapters": LoraAdapters | None, "instruction_embedding": [batch, ...] | None}``.
 
-    ``adapters`` given (one row per example) are used instead of generating them.
+    ``adapters`` given (one row per example) are used instead of generating them;
+    ``instruction_states`` given (``[batch, length, width]``, ``encode_instruction``'s output for
+    ``hyper_input_tokens``) are not computed again: e.g. one prompt's, shared by its answer
+    choices when ranking them.
     """
     enc_tokens, hyper_tokens, dec_tokens = _check_batch(batch)
     rngs = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
     memory, memory_tokens, adapters, embedding = _encode_student(
-        config, params, enc_tokens, hyper_tokens, adapters, rngs
+        config, params, enc_tokens, hyper_tokens, adapters, rngs, instruction_states
     )
     logits = t5.decode(
         config.t5,
@@ -280,8 +292,15 @@ def _greedy_decode_jit(
     config, params, enc_tokens, hyper_tokens, adapters, states, *, max_decode_len, axis_rules
 ):
     with nn.logical_axis_rules(axis_rules):
-        if states is not None:  # one task's cached instruction, shared by every row
-            states = jnp.broadcast_to(states, (enc_tokens.shape[0], *states.shape[1:]))
+        rows = enc_tokens.shape[0]
+        one_task = adapters is not None and adapters.batch_size == 1
+        if one_task:
+            adapters = lora.take(adapters, jnp.zeros(rows, jnp.int32))
+        if states is not None and not one_task:
+            states = jnp.broadcast_to(states, (rows, *states.shape[1:]))
+        # else one task's states stay one row in the fused memory, so the decoder's
+        # cross-attention projects them once for the batch, not once per row
+        # (layers.MultiHeadAttention), with the task's adapters.
         memory, memory_tokens, adapters, _ = _encode_student(
             config, params, enc_tokens, hyper_tokens, adapters, [None] * 3, states
         )
@@ -308,7 +327,9 @@ def greedy_decode(
 
     ``batch`` needs ``encoder_input_tokens`` and ``hyper_input_tokens``. ``adapters`` and
     ``instruction_states`` (``[1, length, width]``, from ``encode_task``) given: the
-    instruction is neither encoded nor turned into adapters again.
+    instruction is neither encoded nor turned into adapters again. Adapters of one row with
+    such states are one task's for every row (the fastest form: the task's part of the fused
+    memory is projected once); adapters of one row per example are used as they are.
     """
     t5.check_max_decode_len(max_decode_len)
     enc_tokens, hyper_tokens = batch["encoder_input_tokens"], batch["hyper_input_tokens"]

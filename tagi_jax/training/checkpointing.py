@@ -24,6 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 
 CHECKPOINTS_DIR = "checkpoints"  # <model_dir>/checkpoints/<step>/{state,meta}
+RUN_FILE = "run.json"  # <model_dir>/run.json: what `tagi_jax.export` needs to rebuild the model
 
 
 class CheckpointMismatchError(ValueError):

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tagi_jax import gin_check
+from tagi_jax.artifacts import backbone, export_format
 from tagi_jax.distill import losses
 from tagi_jax.distill import teacher as teacher_lib
 from tagi_jax.models import lora, tagi, trainable
@@ -43,31 +44,14 @@ from tagi_jax.training.inputs import (  # noqa: F401  (re-exported: the loop's p
 )
 from tagi_jax.training.progress import Progress
 
-EXPORT_DIR = "export"  # <model_dir>/export/{t5,tagi}: the trained parameters (orbax)
-RUN_FILE = "run.json"  # <model_dir>/run.json: what `tagi_jax.export` needs to rebuild the model
+EXPORT_DIR = backbone.RUN_EXPORT_DIR  # <model_dir>/export: the student (export_format)
+RUN_FILE = checkpointing.RUN_FILE
 # on_nonfinite="skip" drops a bad batch; this many in a row means the state itself is bad.
 MAX_CONSECUTIVE_SKIPS = 20
 
 
 def _config_json(model: TagiConfig, loss: losses.LossConfig) -> str:
     return json.dumps({"model": repr(model), "loss": repr(loss)}, sort_keys=True)
-
-
-def load_base(path: str, mesh=None):
-    """T5 parameters from a parameter checkpoint, a finished run's model_dir, or an HF dir."""
-    from tagi_jax.convert import hf_t5, param_checkpoint
-
-    exported = os.path.join(path, EXPORT_DIR, "t5")
-    for candidate in (path, exported):
-        if os.path.exists(os.path.join(candidate, param_checkpoint.CONFIG_FILE)):
-            return param_checkpoint.load(candidate, mesh=mesh)
-    return hf_t5.load(path, mesh=mesh)
-
-
-def teacher_path(path: str) -> str:
-    """A finished run's model_dir stands for its exported backbone."""
-    exported = os.path.join(path, EXPORT_DIR, "t5")
-    return exported if os.path.isdir(exported) else path
 
 
 def _check_args(batch_size, grad_accum_steps, on_nonfinite, loss, paths) -> None:
@@ -219,7 +203,7 @@ def load_instruction_encoder(path: str, mesh=None):
     """The T5 parameters whose encoder a ``separate`` instruction encoder takes: a parameter
     checkpoint, an HF directory or a finished run (its exported backbone). The graft in
     ``tagi.init_params`` checks every shape against ``TagiConfig.instruction_encoder_t5``."""
-    return load_base(teacher_path(path), mesh)[1]
+    return backbone.load_t5(path, mesh)[1]
 
 
 class _TeacherAdapters:
@@ -332,7 +316,7 @@ def train(
     # --- parameters and state, created sharded -------------------------------------------
     base = encoder = None
     if base_checkpoint is not None and init_from is None:
-        base = load_base(base_checkpoint, mesh)[1]
+        base = backbone.load_t5(base_checkpoint, mesh)[1]
     if encoder_source is not None:
         encoder = load_instruction_encoder(encoder_source, mesh)
     params, param_shardings = sharded_params(
@@ -383,7 +367,7 @@ def train(
     # --- teachers ------------------------------------------------------------------------
     teacher_fn = None
     if loss.kl_weight or loss.standardized_kl_weight:
-        teacher = teacher_lib.load_teacher(teacher_path(teacher_checkpoint), mesh=mesh)
+        teacher = teacher_lib.load_teacher(backbone.resolve(teacher_checkpoint), mesh=mesh)
         logits_sharding = partitioning.named_sharding(mesh, ("batch", "length", "vocab"), rules)
         teacher_jit = jax.jit(
             lambda p, t, d: teacher_lib.teacher_logits(
@@ -515,7 +499,7 @@ def train(
         ckpt.close()
     if step == train_steps:
         full = state_lib.merge(state.trainable, frozen, structure)
-        export_params(model_dir, model, full)
+        export_params(model_dir, model, full, data, step)
         if main:
             with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
                 f.write(gin.operative_config_str())
@@ -524,53 +508,36 @@ def train(
     return last
 
 
-def export_params(model_dir: str, model: TagiConfig, params) -> str:
-    """``<model_dir>/export/``: ``t5/`` (the backbone as a parameter checkpoint, loadable as a
-    base) and ``tagi/`` (the whole student). Written aside and moved into place, so a finished
-    run always leaves a complete export."""
-    import shutil
-
-    import orbax.checkpoint as ocp
-
-    from tagi_jax.convert import param_checkpoint
-
-    target = os.path.join(os.path.abspath(model_dir), EXPORT_DIR)
-    tmp = target + ".tmp"
-    main = distributed_lib.is_main_process()
-    if main and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    # Every process takes part in orbax saves of sharded arrays; only the main one moves files.
-    multihost_utils.sync_global_devices("export: clean")
-    param_checkpoint.save(os.path.join(tmp, "t5"), model.t5, params["t5"])
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(tmp, "tagi", "params"), params)
-    checkpointer.wait_until_finished()
-    multihost_utils.sync_global_devices("export: written")
-    if main:
-        with open(os.path.join(tmp, "tagi", "tagi_config.txt"), "w") as f:
-            f.write(repr(model))
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    multihost_utils.sync_global_devices("export: moved")
-    return target
+def export_params(model_dir: str, model: TagiConfig, params, data: DataConfig, step: int) -> str:
+    """``<model_dir>/export``: the finished student in the one export format
+    (``export_format``), backbone, vocabulary and data settings included, so that a finished
+    run is usable (and copyable) as it stands. Written aside and moved into place."""
+    return export_format.save(
+        os.path.join(os.path.abspath(model_dir), EXPORT_DIR),
+        model,
+        params,
+        vocabulary=data.vocabulary,
+        data=export_format.data_settings(dataclasses.asdict(data)),
+        info={"step": int(step), "model_dir": os.path.abspath(model_dir)},
+        overwrite=True,
+        is_main=distributed_lib.is_main_process(),
+        sync=multihost_utils.sync_global_devices,
+    )
 
 
 def _restore_exported(model_dir: str, model: TagiConfig, shardings):
     """The student tree a finished run exported, placed by ``shardings`` (None: one device)."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.join(os.path.abspath(model_dir), EXPORT_DIR, "tagi", "params")
+    path = os.path.join(os.path.abspath(model_dir), EXPORT_DIR)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"no exported parameters at {path}: has training finished?")
-    abstract = tagi.abstract_params(model)
-    if shardings is not None:
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
-        )
-    try:
-        return ocp.StandardCheckpointer().restore(path, abstract)
-    except (ValueError, KeyError) as e:
-        raise ValueError(
-            f"the parameters in {path} do not fit this TagiConfig (another architecture?): {e}"
-        ) from e
+        raise FileNotFoundError(f"no export at {path}: has training {model_dir} finished?")
+    loaded = export_format.load(path, shardings=shardings)
+    if loaded.config != model:
+        # The parameters must fit: the shapes are what matter, not every field (a fine-tuning
+        # run may, e.g., change dropout or the losses around the same architecture).
+        wanted = jax.tree.map(lambda x: x.shape, tagi.abstract_params(model))
+        got = jax.tree.map(lambda x: x.shape, loaded.params)
+        if jax.tree.structure(wanted) != jax.tree.structure(got) or wanted != got:
+            raise ValueError(
+                f"the parameters in {path} do not fit this TagiConfig (another architecture?)"
+            )
+    return loaded.params

@@ -18,6 +18,7 @@ import gin
 import numpy as np
 
 from tagi_jax import gin_check
+from tagi_jax.artifacts import backbone
 from tagi_jax.distill import lora_teachers
 from tagi_jax.distill.lora_teachers import LoraTeacherConfig
 from tagi_jax.training import checkpointing, inputs
@@ -26,20 +27,33 @@ BANK_FILE = "lora_teachers.safetensors"
 
 
 def group_examples(data: inputs.DataConfig, group_by: str, vocabulary):
-    """``{group name: (teacher input ids [n, L_in], target ids [n, L_out])}`` of the train split."""
+    """``{group name: (teacher input ids [n, L_in], target ids [n, L_out])}`` of the train split
+    (natural instructions: the Tk-Instruct source; P3 with ``DataConfig.p3_dir``: the prompt)."""
     from tagi_jax.data import ni
     from tagi_jax.evaluation.ni_eval import encode_padded
 
-    directory = data.sni_dir or data.suite_dir
-    if directory is None:
-        raise ValueError("the lora_teachers stage needs DataConfig.sni_dir or suite_dir")
     lengths = dict(data.feature_lengths)
     grouped = collections.defaultdict(lambda: ([], []))
-    examples = ni.iter_examples(directory, "train", data.ni_for_task(), vocabulary=vocabulary)
-    for example in examples:
-        key = example["task_name"] if group_by == "task" else example["category"]
-        grouped[key][0].append(example["teacher_inputs"])
-        grouped[key][1].append(example["targets"])
+    if "_p3_" in data.task and data.p3_dir is not None:
+        # P3: one teacher per training dataset (or task), reading the prompt (tagi_spec.md §5.2)
+        from tagi_jax.data import p3_tasks
+
+        for key, pairs in p3_tasks.training_texts(data.p3_dir, group_by).items():
+            for prompt, target in pairs:
+                grouped[key][0].append(prompt)
+                grouped[key][1].append(target)
+    else:
+        directory = data.sni_dir or data.suite_dir
+        if directory is None:
+            raise ValueError(
+                "the lora_teachers stage needs DataConfig.sni_dir, suite_dir or (with a "
+                "tagi_p3_* task) p3_dir"
+            )
+        examples = ni.iter_examples(directory, "train", data.ni_for_task(), vocabulary=vocabulary)
+        for example in examples:
+            key = example["task_name"] if group_by == "task" else example["category"]
+            grouped[key][0].append(example["teacher_inputs"])
+            grouped[key][1].append(example["targets"])
     return {
         key: (
             encode_padded(vocabulary, sources, lengths["teacher_inputs"]),
@@ -91,8 +105,6 @@ def train_lora_teachers(
 ) -> str:
     """Trains the bank and writes ``<model_dir>/lora_teachers.safetensors``; returns its path."""
     gin_check.check_bindings_used("train_lora_teachers")
-    from tagi_jax.training import loop
-
     config = config or LoraTeacherConfig()
     if not os.path.exists(base_checkpoint):
         raise FileNotFoundError(
@@ -103,7 +115,7 @@ def train_lora_teachers(
     path = os.path.join(model_dir, BANK_FILE)
     if os.path.exists(path):
         raise FileExistsError(f"{path} exists: the teachers are trained; use another MODEL_DIR")
-    t5_config, base = loop.load_base(base_checkpoint)
+    t5_config, base = backbone.load_t5(base_checkpoint)
     vocabulary = inputs.make_vocabulary(data)
     groups = group_examples(data, config.group_by, vocabulary)
     sizes = [len(v[0]) for v in groups.values()]

@@ -1,0 +1,54 @@
+"""Where a frozen T5 comes from, for training, export, evaluation and prediction alike.
+
+A backbone source is any of:
+
+* a parameter checkpoint (``tagi_jax.convert.param_checkpoint``: ``params/`` +
+  ``t5_config.json``), e.g. ``python -m tagi_jax.convert.hf_t5``'s output;
+* a finished training run's ``MODEL_DIR`` (its ``export/t5``, the student's backbone);
+* an export (``export_format``) that includes its backbone (its ``t5/``);
+* a Hugging Face T5 directory (``config.json`` + safetensors or ``pytorch_model.bin``).
+
+This module imports neither the trainer nor TensorFlow: a predictor reads backbones with it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+RUN_EXPORT_DIR = "export"  # <model_dir>/export: the export a finished run writes
+BACKBONE_DIR = "t5"  # <export>/t5: an included backbone, as a parameter checkpoint
+
+
+def resolve(path: str) -> str:
+    """The parameter checkpoint ``path`` stands for (itself, a run's ``export/t5`` or an
+    export's ``t5/``), or ``path`` unchanged (an HF directory)."""
+    from tagi_jax.convert import param_checkpoint
+
+    for candidate in (
+        path,
+        os.path.join(path, RUN_EXPORT_DIR, BACKBONE_DIR),
+        os.path.join(path, BACKBONE_DIR),
+    ):
+        if os.path.exists(os.path.join(candidate, param_checkpoint.CONFIG_FILE)):
+            return candidate
+    return path
+
+
+def load_t5(path: str, mesh=None, shardings=None):
+    """``(T5Config, t5_params)`` of a backbone source (see the module docstring), sharded over
+    ``mesh`` when one is given, placed by ``shardings`` (a tree matching the parameters), else
+    on one device."""
+    from tagi_jax.convert import hf_t5, param_checkpoint
+    from tagi_jax.convert.tensor_store import CheckpointError
+
+    if not os.path.isdir(path):
+        raise CheckpointError(f"backbone directory does not exist: {path}")
+    resolved = resolve(path)
+    if os.path.exists(os.path.join(resolved, param_checkpoint.CONFIG_FILE)):
+        return param_checkpoint.load(resolved, mesh=mesh, shardings=shardings)
+    config, params = hf_t5.load(path, mesh=mesh)
+    if shardings is not None:
+        params = jax.tree.map(jax.device_put, params, shardings)
+    return config, params

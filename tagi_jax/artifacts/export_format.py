@@ -1,0 +1,475 @@
+"""The one export format: everything inference needs to use a trained TAGI student.
+
+Written by a training run's last step (``<MODEL_DIR>/export``) and by ``python -m
+tagi_jax.export`` alike, read by ``load`` (evaluation, ``tagi_jax.predictor``, the PEFT/HF
+exporters, ``train.init_from``). A directory copied to another machine works: the backbone, the
+vocabulary and the data settings travel with it.
+
+```
+E/tagi_config.json   the TagiConfig (TagiConfig.from_json); written last, so a directory that
+                     has it is complete
+E/params/            orbax StandardCheckpointer save of a flat {"/"-joined path: array}: every
+                     student parameter the base does not hold (the hypernetwork, a separate
+                     instruction encoder, new layers, trained or seed-initialised t5/ leaves)
+E/base.json          {"kind": "included", "path": "t5"} or {"kind": "reference", "path": <abs>,
+                     "fingerprint": <SHA-256 of the referenced backbone's tensors>}
+E/t5/                (included) the backbone as a parameter checkpoint, itself a base for
+                     training (train.base_checkpoint) and for backbone.load_t5
+E/vocabulary.json    {"kind": "byte"} or {"kind": "sentencepiece", "file": "spiece.model",
+                     "sha256": ..., "extra_ids": 100}; the model file sits next to it
+E/data.json          the data settings the student trained with (``data_settings``): task,
+                     feature lengths, NIConfig, what the student and the hypernetwork read
+E/export.json        format version, step, source, time, counts
+```
+
+The base is included by default; a reference (``base_reference``) keeps only its path and
+fingerprint, and ``load`` refuses a base whose tensors changed since.
+
+This module imports neither the trainer nor TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from tagi_jax.artifacts import backbone
+from tagi_jax.models import tagi, trainable
+from tagi_jax.models.tagi_config import TagiConfig
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "tagi_config.json"
+PARAMS_DIR = "params"
+BASE_FILE = "base.json"
+BASE_DIR = backbone.BACKBONE_DIR
+VOCABULARY_FILE = "vocabulary.json"
+SPIECE_FILE = "spiece.model"
+DATA_FILE = "data.json"
+INFO_FILE = "export.json"
+SENTENCEPIECE_EXTRA_IDS = 100  # T5's sentinels, as data.vocab builds the vocabulary
+
+Flat = dict[str, Any]
+
+
+class ExportError(ValueError):
+    """An export that cannot be written or loaded; the message names the path at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseReference:
+    """A backbone kept by reference: ``path`` (a backbone source) and the ``t5/`` paths it
+    provides, which the export then leaves out."""
+
+    path: str
+    provided: frozenset[str]
+    fingerprint: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Export:
+    """A loaded export: ``config`` and the full parameter tree ``params`` for ``tagi.forward``
+    and the decoders; ``data`` (``data.json``) and ``vocabulary_spec`` (``"byte"`` or the
+    SentencePiece file inside the export) give the settings the student was trained with."""
+
+    path: str
+    config: TagiConfig
+    params: Any
+    data: dict
+    vocabulary_spec: str
+    info: dict
+
+    def vocabulary(self):
+        """The student's vocabulary (SeqIO's; imports TensorFlow, hence lazily)."""
+        from tagi_jax.data import vocab
+
+        return vocab.from_name(self.vocabulary_spec)
+
+    def ni_config(self):
+        """The NIConfig the student trained with (None for P3 / C4 students)."""
+        return ni_config_from(self.data)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def fingerprint(flat: Flat) -> str:
+    """SHA-256 of every tensor's path, dtype, shape and bytes: a reference to a base is only
+    good while the base is the one the student was exported against."""
+    digest = hashlib.sha256()
+    for path in sorted(flat):
+        value = np.asarray(flat[path])
+        digest.update(f"{path}|{value.dtype}|{value.shape}|".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def listing(names, limit: int = 8) -> str:
+    names = sorted(names)
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def unflatten(flat: Flat, structure) -> Any:
+    """The tree of ``structure`` (``jax.tree.structure``) from a ``trainable.flatten`` dict."""
+    skeleton = jax.tree.unflatten(structure, [0] * structure.num_leaves)
+    paths = [trainable.path_string(k) for k, _ in jax.tree_util.tree_flatten_with_path(skeleton)[0]]
+    return jax.tree.unflatten(structure, [flat[p] for p in paths])
+
+
+def _write_json(path: str, value: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+
+
+def _read_json(path: str, what: str) -> dict:
+    if not os.path.isfile(path):
+        raise ExportError(f"missing {path}: the export has no {what}")
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"cannot read {path}: {e}") from e
+    if not isinstance(value, dict):
+        raise ExportError(f"{path} is not a JSON object")
+    return value
+
+
+def _restore_target(tree, shardings=None):
+    """Restore targets: ``shardings`` (a matching tree) or the first local device. An export
+    is read on whatever machine uses it, not on the mesh that wrote it."""
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, tree)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+    )
+
+
+# --- data settings -----------------------------------------------------------------------------
+
+
+def spiece_file(vocabulary: str) -> str:
+    """The SentencePiece model file a vocabulary setting names (a directory holding
+    ``spiece.model``, or the file)."""
+    return os.path.join(vocabulary, SPIECE_FILE) if os.path.isdir(vocabulary) else vocabulary
+
+
+def data_settings(data: Mapping[str, Any]) -> dict:
+    """``data.json`` from a run's ``DataConfig`` (as ``dataclasses.asdict`` gives it).
+
+    Besides the fields themselves it names what the student and the hypernetwork read, and
+    resolves the demonstrations the task's variant (``_def`` / ``_def_pos2``) implies, so that
+    evaluation and prediction format instances as training did.
+    """
+    from tagi_jax.data import ni as ni_lib
+
+    task = data.get("task")
+    lengths = dict(data.get("feature_lengths") or ())
+    settings: dict[str, Any] = {
+        "task": task,
+        "feature_lengths": lengths,
+        "vocabulary": data.get("vocabulary", "byte"),
+        "ni": None,
+    }
+    if task is not None and ni_lib.task_variant(task) is not None:
+        fields = {f.name for f in dataclasses.fields(ni_lib.NIConfig)}
+        ni = ni_lib.NIConfig(**{k: v for k, v in (data.get("ni") or {}).items() if k in fields})
+        ni = ni_lib.for_task(ni, task)
+        settings["ni"] = dataclasses.asdict(ni)
+        positives = ni.pos_examples
+        settings["hypernetwork_reads"] = (
+            "definition" if positives == 0 else f"definition + {positives} positive examples"
+        )
+        settings["student_reads"] = ni.student_input
+    elif task is not None and "_p3_" in task:
+        settings["hypernetwork_reads"] = "prompt"
+        settings["student_reads"] = "prompt"
+    else:
+        settings["hypernetwork_reads"] = "hyper_inputs"
+        settings["student_reads"] = "inputs"
+    return settings
+
+
+def ni_config_from(data: Mapping[str, Any], **overrides):
+    """The ``NIConfig`` of ``data.json`` with ``overrides`` (e.g. a run file's bindings), or
+    None when the student did not train on natural-instructions data."""
+    from tagi_jax.data import ni as ni_lib
+
+    if data.get("ni") is None:
+        return ni_lib.NIConfig(**overrides) if overrides else None
+    return ni_lib.NIConfig(**{**data["ni"], **overrides})
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def _vocabulary_record(vocabulary: str, directory: str | None) -> dict:
+    """``vocabulary.json``'s content; copies a SentencePiece model into ``directory``."""
+    if vocabulary == "byte":
+        return {"kind": "byte"}
+    source = spiece_file(vocabulary)
+    if not os.path.isfile(source):
+        raise ExportError(f"the student's SentencePiece vocabulary does not exist: {source}")
+    if directory is not None:
+        shutil.copyfile(source, os.path.join(directory, SPIECE_FILE))
+    return {
+        "kind": "sentencepiece",
+        "file": SPIECE_FILE,
+        "sha256": file_sha256(source),
+        "extra_ids": SENTENCEPIECE_EXTRA_IDS,
+        "source": os.path.abspath(source),
+    }
+
+
+def save(
+    out: str,
+    config: TagiConfig,
+    params: Any,
+    *,
+    vocabulary: str,
+    data: Mapping[str, Any],
+    info: Mapping[str, Any] | None = None,
+    base_reference: BaseReference | None = None,
+    overwrite: bool = False,
+    is_main: bool = True,
+    sync: Callable[[str], None] = lambda name: None,
+) -> str:
+    """Writes the export of the student ``params`` (the full tree) to ``out``; returns its
+    absolute path.
+
+    ``vocabulary``: ``"byte"`` or a SentencePiece path (copied in). ``data``: ``data.json``
+    (``data_settings``). ``base_reference``: keep the backbone by reference instead of
+    including it. Written to ``out.tmp`` and renamed, so ``out`` is complete or absent; an
+    existing ``out`` is replaced only with ``overwrite``. On several processes every one
+    calls this (orbax saves are collective), ``is_main`` moves files, ``sync`` is a barrier.
+    """
+    out = os.path.abspath(out)
+    if is_main and os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace")
+    flat = trainable.flatten(params)
+    expected = trainable.flatten(tagi.abstract_params(config))
+    if set(flat) != set(expected):
+        raise ExportError(
+            f"the parameters do not fit the config: only in the parameters: "
+            f"{listing(set(flat) - set(expected)) or '-'}; only in the config: "
+            f"{listing(set(expected) - set(flat)) or '-'}"
+        )
+    tmp = out + ".tmp"
+    if is_main:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)  # a stale half-written export from an interrupted run
+        os.makedirs(tmp)
+    sync("export: clean")
+    import orbax.checkpoint as ocp
+
+    from tagi_jax.convert import param_checkpoint
+
+    if base_reference is None:
+        kept = {p: v for p, v in flat.items() if not p.startswith("t5/")}
+        param_checkpoint.save(os.path.join(tmp, BASE_DIR), config.t5, params["t5"])
+        base_info = {"kind": "included", "path": BASE_DIR}
+    else:
+        kept = {p: v for p, v in flat.items() if p not in base_reference.provided}
+        base_info = {
+            "kind": "reference",
+            "path": os.path.abspath(base_reference.path),
+            "fingerprint": base_reference.fingerprint,
+        }
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(tmp, PARAMS_DIR), kept)
+    checkpointer.wait_until_finished()
+    sync("export: written")
+    if is_main:
+        _write_json(os.path.join(tmp, BASE_FILE), base_info)
+        _write_json(os.path.join(tmp, VOCABULARY_FILE), _vocabulary_record(vocabulary, tmp))
+        _write_json(os.path.join(tmp, DATA_FILE), dict(data))
+        n_params = sum(int(np.prod(v.shape)) for v in flat.values())
+        _write_json(
+            os.path.join(tmp, INFO_FILE),
+            {
+                "format_version": FORMAT_VERSION,
+                "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "base": base_info,
+                "parameters": n_params,
+                "exported_tensors": len(kept),
+                **dict(info or {}),
+            },
+        )
+        # The config goes last: a directory with a tagi_config.json has everything else.
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            f.write(config.to_json())
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    sync("export: moved")
+    return out
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def check_is_export(path: str) -> str:
+    """``path``'s absolute form; a clear error when it is not a complete export."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"export directory does not exist: {path}")
+    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        if os.path.isdir(os.path.join(path, backbone.RUN_EXPORT_DIR)):
+            raise ExportError(
+                f"{path} is a training run, not an export: use {path}/"
+                f"{backbone.RUN_EXPORT_DIR} (written when the run finished) or python -m "
+                "tagi_jax.export --model_dir for one of its checkpoints"
+            )
+        if os.path.isdir(os.path.join(path, "tagi", PARAMS_DIR)):
+            raise ExportError(
+                f"{path} is a run export of an older tagi_jax (tagi/params): export the run "
+                "again with python -m tagi_jax.export --model_dir"
+            )
+        raise ExportError(f"no {CONFIG_FILE} in {path}: not a complete tagi_jax export")
+    return path
+
+
+def read_config(path: str) -> TagiConfig:
+    file = os.path.join(check_is_export(path), CONFIG_FILE)
+    try:
+        with open(file) as f:
+            return TagiConfig.from_json(f.read())
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"cannot read {file}: {type(e).__name__}: {e}") from e
+
+
+def read_data(path: str) -> dict:
+    """``data.json``: the data settings the student trained with."""
+    return _read_json(os.path.join(check_is_export(path), DATA_FILE), "data settings")
+
+
+def read_info(path: str) -> dict:
+    file = os.path.join(check_is_export(path), INFO_FILE)
+    return _read_json(file, "export record") if os.path.isfile(file) else {}
+
+
+def vocabulary_spec(path: str) -> str:
+    """``"byte"`` or the SentencePiece file inside the export, checked against its hash."""
+    path = check_is_export(path)
+    file = os.path.join(path, VOCABULARY_FILE)
+    record = _read_json(file, "vocabulary")
+    kind = record.get("kind")
+    if kind == "byte":
+        return "byte"
+    if kind != "sentencepiece":
+        raise ExportError(f"{file}: vocabulary kind {kind!r} is not byte/sentencepiece")
+    model = os.path.join(path, record.get("file", SPIECE_FILE))
+    if not os.path.isfile(model):
+        raise ExportError(f"{file} names {model}, which does not exist")
+    if record.get("sha256") and file_sha256(model) != record["sha256"]:
+        raise ExportError(f"{model} is not the vocabulary the student trained with (hash differs)")
+    return model
+
+
+def _base_info(path: str) -> tuple[str, str, dict]:
+    """``(kind, location, base.json)``; a relative location is inside the export."""
+    file = os.path.join(path, BASE_FILE)
+    info = _read_json(file, "base record")
+    kind, location = info.get("kind"), info.get("path")
+    if kind not in ("reference", "included") or not isinstance(location, str):
+        raise ExportError(f"{file}: needs kind reference/included and a path, got {info}")
+    return kind, os.path.join(path, location), info  # join keeps an absolute location as is
+
+
+def _check_shapes(where: str, shapes: dict[str, tuple], abstract: Flat, what: str) -> None:
+    wrong = [
+        f"{p} {shape} (config: {tuple(abstract[p].shape)})"
+        for p, shape in sorted(shapes.items())
+        if shape != tuple(abstract[p].shape)
+    ]
+    if wrong:
+        raise ExportError(
+            f"{what} parameters in {where} do not fit the config: " + "; ".join(wrong)
+        )
+
+
+def load(path: str, *, verify_base: bool = True, shardings=None) -> Export:
+    """Reads an export: the full parameter tree (on one device, or placed by ``shardings``, a
+    tree matching ``tagi.abstract_params``), its settings and vocabulary.
+
+    ``verify_base``: check a referenced base against the fingerprint taken at export (hashes
+    every backbone tensor), refusing a base that changed.
+    """
+    import orbax.checkpoint as ocp
+
+    path = check_is_export(path)
+    config = read_config(path)
+    data = read_data(path)
+    vocabulary = vocabulary_spec(path)
+    abstract_tree = tagi.abstract_params(config)
+    abstract = trainable.flatten(abstract_tree)
+    flat_shardings = None if shardings is None else trainable.flatten(shardings)
+    kind, location, info = _base_info(path)
+    if not os.path.isdir(location):
+        raise FileNotFoundError(
+            f"the export's base ({kind}, {os.path.join(path, BASE_FILE)}) does not exist: "
+            f"{location}"
+        )
+    _, base = backbone.load_t5(location, shardings=None if shardings is None else shardings["t5"])
+    base_flat = {f"t5/{p}": v for p, v in trainable.flatten(base).items()}
+    extra = sorted(set(base_flat) - {p for p in abstract if p.startswith("t5/")})
+    if extra:
+        raise ExportError(
+            f"base {location} has parameters the config's backbone does not: {listing(extra)}"
+        )
+    _check_shapes(location, {p: tuple(v.shape) for p, v in base_flat.items()}, abstract, "base")
+    expected = info.get("fingerprint")
+    if verify_base and kind == "reference" and expected and fingerprint(base_flat) != expected:
+        raise ExportError(
+            f"the base {location} is not the one {path} was exported against (its tensors "
+            "changed since: a resumed or retrained run?); export the run again, or pass "
+            "verify_base=False to use it anyway"
+        )
+
+    params_path = os.path.join(path, PARAMS_DIR)
+    if not os.path.isdir(params_path):
+        raise FileNotFoundError(f"missing {params_path}: the export has no parameters")
+    checkpointer = ocp.StandardCheckpointer()
+    metadata = checkpointer.metadata(params_path)
+    metadata = dict(getattr(metadata, "item_metadata", metadata))  # orbax versions differ here
+    unknown = sorted(set(metadata) - set(abstract))
+    if unknown:
+        raise ExportError(f"{params_path} has parameters the config does not: {listing(unknown)}")
+    _check_shapes(
+        params_path, {p: tuple(m.shape) for p, m in metadata.items()}, abstract, "exported"
+    )
+    target = _restore_target(
+        metadata, None if flat_shardings is None else {p: flat_shardings[p] for p in metadata}
+    )
+    saved = checkpointer.restore(params_path, target)
+    missing = sorted(set(abstract) - set(base_flat) - set(saved))
+    if missing:
+        raise ExportError(
+            f"neither the base {location} nor {params_path} holds: {listing(missing)}"
+        )
+    params = unflatten({**base_flat, **saved}, jax.tree.structure(abstract_tree))
+    return Export(
+        path=path,
+        config=config,
+        params=params,
+        data=data,
+        vocabulary_spec=vocabulary,
+        info=read_info(path),
+    )
