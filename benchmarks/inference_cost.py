@@ -71,7 +71,7 @@ import numpy as np
 
 from tagi_jax import configurables
 from tagi_jax.data import ni
-from tagi_jax.models import t5, tagi
+from tagi_jax.models import lora, t5, tagi
 from tagi_jax.training import flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -213,11 +213,15 @@ def tk_instruct_pass(config, params, tasks, steps):
     return outs
 
 
-def tagi_pass(config, params, tasks, steps):
+def tagi_pass(config, params, tasks, steps, per_row_adapters=False):
     outs = []
     for task in tasks:
         # once per task: the instruction's states (fusion) and its adapters
         states, adapters = tagi.encode_task(config, params, task["instruction"])
+        if per_row_adapters:
+            # one row of adapters per example: greedy_decode then projects the instruction's
+            # part of the fused memory for every row (what --per_row_adapters measures)
+            adapters = lora.take(adapters, jnp.zeros(task["hyper"].shape[0], jnp.int32))
         for chunk in task["chunks"]:
             batch = {"encoder_input_tokens": chunk["input"], "hyper_input_tokens": task["hyper"]}
             outs.append(
@@ -281,6 +285,12 @@ def main() -> None:
     parser.add_argument("--fixed_lengths", help="instruction,input,target for --lengths fixed")
     parser.add_argument("--decode_steps", type=int, help="default: the split's mean target")
     parser.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--per_row_adapters",
+        action="store_true",
+        help="give TAGI's decoding one row of adapters per example (the slower form) instead of "
+        "the task's one row",
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if args.lengths == "spm" and not args.spm:
@@ -345,7 +355,7 @@ def main() -> None:
     tasks = make_inputs(config, timed, pads, batch)
     variants = {
         "Tk-Instruct": functools.partial(tk_instruct_pass, config, params, tasks, steps),
-        "TAGI": functools.partial(tagi_pass, config, params, tasks, steps),
+        "TAGI": functools.partial(tagi_pass, config, params, tasks, steps, args.per_row_adapters),
         "encode": functools.partial(encode_pass, config, params, tasks, steps),
     }
     first = {name: _run(fn) for name, fn in variants.items()}  # warm-up: compiles

@@ -275,6 +275,10 @@ def test_evaluate_cli(exported, suite, tmp_path):
     ]
     assert [x["references"] for x in lines] == [e["references"] for e in examples]
     assert results["split"] == "test" and results["step"] == 4
+    # unset settings are the export's (tiny_cpu.gin's feature lengths and vocabulary)
+    settings = results["settings"]
+    assert (settings["input_length"], settings["instruction_length"]) == (256, 256)
+    assert settings["max_decode_len"] == 40 and settings["vocabulary"] == "byte"
     # the run's one NIConfig (evaluate.ni: the gin-configured one) is what formatted the data
     assert results["settings"]["ni"]["eval_instances_per_task"] == 2
     assert results["settings"]["ni"]["num_pos_examples"] == 2  # unset: Def + 2 Pos
@@ -304,6 +308,16 @@ def test_evaluate_errors_exit_2(exported, suite, tmp_path):
         f"--gin.EXPORT_DIR='{exported}'", f"--gin.DATA_DIR='{suite}'", "--gin.evaluate.split='dev'"
     )
     assert bad_split.returncode == 2 and "dev_tasks.txt" in bad_split.stderr
+    # the export's vocabulary is the student's: another one is refused, naming both
+    spm = tmp_path / "spiece.model"
+    spm.write_bytes(b"not the student's vocabulary")
+    other_vocabulary = evaluate(
+        f"--gin.EXPORT_DIR='{exported}'",
+        f"--gin.DATA_DIR='{suite}'",
+        f"--gin.evaluate.vocabulary='{spm}'",
+    )
+    assert other_vocabulary.returncode == 2, other_vocabulary.stderr
+    assert "not the vocabulary the student was trained with (byte" in other_vocabulary.stderr
     assert not os.path.exists(tmp_path / "out")
 
 
