@@ -383,6 +383,24 @@ def vocabulary_spec(path: str) -> str:
     return model
 
 
+def vocabulary_for(spec: str, override: str | None, setting: str) -> str:
+    """The export's vocabulary ``spec`` (``vocabulary_spec``); an ``override`` (a run file's
+    ``setting``) must be the same vocabulary, by hash: the student's embeddings and logits are
+    tied to its ids."""
+    if override is None or override == spec:
+        return spec
+    same = False
+    if "byte" not in (spec, override):
+        file = spiece_file(override)
+        same = os.path.isfile(file) and file_sha256(file) == file_sha256(spec)
+    if not same:
+        raise ValueError(
+            f"{setting}={override!r} is not the vocabulary the student was trained with "
+            f"({spec}, stored in the export): drop the binding to use the export's"
+        )
+    return spec
+
+
 def _base_info(path: str) -> tuple[str, str, dict]:
     """``(kind, location, base.json)``; a relative location is inside the export."""
     file = os.path.join(path, BASE_FILE)

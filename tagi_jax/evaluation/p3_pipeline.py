@@ -145,27 +145,6 @@ def render_layout(
 # The evaluation job
 
 
-def _vocabulary(spec: str, override: str | None) -> str:
-    """The export's vocabulary; an override must name the same one (the student's embeddings
-    and logits are tied to its ids)."""
-    from tagi_jax.artifacts import export_format
-
-    if override is None or override == spec:
-        return spec
-    same = False
-    if "byte" not in (spec, override):
-        file = export_format.spiece_file(override)
-        same = os.path.isfile(file) and (
-            export_format.file_sha256(file) == export_format.file_sha256(spec)
-        )
-    if not same:
-        raise ValueError(
-            f"evaluate_p3.vocabulary={override!r} is not the vocabulary the student was trained "
-            f"with ({spec}, stored in the export): drop the binding to use the export's"
-        )
-    return spec
-
-
 def _check_datasets(datasets: Sequence[str]) -> list[str]:
     from tagi_jax.data import p3
     from tagi_jax.evaluation import p3_eval
@@ -268,7 +247,9 @@ def evaluate_p3(
     # P3's lengths (paper Table 8) where an export does not record its own
     input_length = input_length or trained_lengths.get("inputs", 512)
     target_length = target_length or trained_lengths.get("targets", 64)
-    vocabulary = _vocabulary(export_format.vocabulary_spec(export_dir), vocabulary)
+    vocabulary = export_format.vocabulary_for(
+        export_format.vocabulary_spec(export_dir), vocabulary, "evaluate_p3.vocabulary"
+    )
     held_out = p3_eval.held_out_datasets()
     datasets = _check_datasets(held_out if datasets is None else datasets)
 

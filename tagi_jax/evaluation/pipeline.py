@@ -111,28 +111,6 @@ def _ni_for_export(data: dict, ni: NIConfig | None) -> NIConfig:
     return configurables.ni_config(**{k: v for k, v in trained.items() if k not in bound})
 
 
-def _vocabulary_for_export(spec: str, override: str | None) -> str:
-    """The export's vocabulary; an override must be the same vocabulary (the student's
-    embeddings and logits are tied to its ids)."""
-    from tagi_jax.artifacts import export_format
-
-    if override is None or override == spec:
-        return spec
-    if spec == "byte" or override == "byte":
-        same = False
-    else:
-        file = export_format.spiece_file(override)
-        same = os.path.isfile(file) and export_format.file_sha256(file) == (
-            export_format.file_sha256(spec)
-        )
-    if not same:
-        raise ValueError(
-            f"evaluate.vocabulary={override!r} is not the vocabulary the student was trained "
-            f"with ({spec}, stored in the export): drop the binding to use the export's"
-        )
-    return spec
-
-
 @gin.configurable("evaluate")
 def evaluate(
     *,
@@ -194,7 +172,9 @@ def evaluate(
             "dropped demonstrations to keep it"
         )
     ni_lib.read_split(task_dir, split)  # an unknown split fails here, naming the files looked for
-    vocabulary = _vocabulary_for_export(export_format.vocabulary_spec(export_dir), vocabulary)
+    vocabulary = export_format.vocabulary_for(
+        export_format.vocabulary_spec(export_dir), vocabulary, "evaluate.vocabulary"
+    )
     vocab = vocab_lib.from_name(vocabulary)
     examples = list(ni_lib.iter_examples(task_dir, split, ni, vocabulary=vocab))
 
