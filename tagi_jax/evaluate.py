@@ -5,8 +5,8 @@ The job is the one the run file binds: ``evaluate_p3.*`` bindings (``runs/evalua
 run P3 rank classification (``tagi_jax.evaluation.p3_pipeline.evaluate_p3``); otherwise the
 configurable ``evaluate`` (``tagi_jax.evaluation.pipeline``) scores natural-instructions tasks.
 Each says what it writes; flags are ``tagi_jax.train``'s (``--gin_file``, ``--gin_bindings``,
-``--gin.NAME=VALUE``). Bad input (missing export or data directory, unknown split, ...) is one
-``error:`` line, exit 2.
+``--gin.NAME=VALUE``). Bad input (missing export or data directory, unknown split, an export
+whose parameters hold NaN or Inf, ...) is one ``error:`` line, exit 2.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def run_configured() -> dict:
 def main(argv: list[str] | None = None) -> int:
     from tagi_jax import train as cli
 
+    cli.quiet_tensorflow()
     args = cli.parse_flags(
         sys.argv[1:] if argv is None else argv, prog="python -m tagi_jax.evaluate", doc=__doc__
     )
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_configured()
     except (OSError, ValueError, RuntimeError) as e:
-        # ValueError covers NIDataError, CheckpointError, ExportError and gin's missing bindings.
+        # ValueError covers NIDataError, CheckpointError, ExportError (NonFiniteParamsError
+        # included) and gin's missing bindings.
         # gin appends "  In call to configurable ..." lines: the first line names the culprit
         message = str(e).split("\n  In call to configurable", 1)[0]
         print(f"error: {message}", file=sys.stderr)

@@ -14,8 +14,12 @@ export holds):
   ``--instruction``: merged with that task's adapters) as a Hugging Face T5 directory with its
   tokenizer files (``tagi_jax.convert.hf_export``).
 
-Every output is written aside and renamed, so it is complete or absent; an existing one is only
-replaced with ``--overwrite``. Bad input is one ``error:`` line, exit code 2.
+Every output is written aside and renamed, so it is complete or absent. ``--overwrite`` only
+ever replaces a previous output of the same kind (``export_format.check_replaceable``): an
+``--out`` that is, contains or lies inside a training run, or the export / base it is made from,
+or that is anything but that kind of output (a file, a directory without its marker file or with
+files its writer does not write) is refused. Parameters holding NaN or Inf are refused too (a
+diverged run: export an earlier ``--step``). Bad input is one ``error:`` line, exit code 2.
 """
 
 from __future__ import annotations
@@ -223,12 +227,12 @@ def export_run(
 ) -> str:
     """Writes the export of ``model_dir``'s checkpoint ``step`` (default: latest) to ``out``;
     returns ``out``'s absolute path. ``base_by_reference``: keep the backbone by path and
-    fingerprint (only when the run has a base and none of its ``t5/`` parameters trained)."""
+    fingerprint (only when the run has a base and none of its ``t5/`` parameters trained).
+    ``out`` is checked first (``export_format.check_replaceable``: not in, over or above a run,
+    nor the run's base; an existing export is replaced only with ``overwrite``); a checkpoint
+    holding NaN or Inf is refused (``export_format.NonFiniteParamsError``)."""
     model_dir = os.path.abspath(model_dir)
-    out = os.path.abspath(out)
     run = read_run(model_dir)
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace")
     model: TagiConfig = run["model"]
     seed = int(run.get("seed", 0))
     init_from = run.get("init_from")
@@ -236,6 +240,13 @@ def export_run(
     # (its export/t5 holds that backbone), otherwise the base checkpoint grafted onto the
     # seed's initialisation.
     base_path = init_from or run.get("base_checkpoint")
+    # Refused before the (long) restore; an export by reference needs its base intact.
+    rule = {
+        "overwrite": overwrite,
+        "sources": [model_dir, *([base_path] if base_path else [])],
+        "allow_run_export": False,  # the run's own export is the run's to write
+    }
+    out = export_format.check_replaceable(out, "export", **rule)
 
     step, trained = restore_trainable(model_dir, model, step)
     print(
@@ -283,7 +294,7 @@ def export_run(
             "trainable_parameters": sum(int(np.prod(v.shape)) for v in trained.values()),
         },
         base_reference=reference,
-        overwrite=overwrite,
+        **rule,
     )
     where = (
         f"by reference to {reference.path}"
@@ -311,9 +322,12 @@ def export_peft(
     export_dir: str, instruction: str, out: str, *, fused_states: bool = False, overwrite=False
 ) -> str:
     """The adapters generated for ``instruction`` as a PEFT LoRA directory (see
-    ``tagi_jax.convert.peft_export``)."""
+    ``tagi_jax.convert.peft_export``). ``out`` must pass ``export_format.check_replaceable``
+    (kind ``peft``, made from the export and its base)."""
     from tagi_jax.convert import peft_export
 
+    sources = export_format.sources_of(export_dir)
+    out = export_format.check_replaceable(out, "peft", overwrite=overwrite, sources=sources)
     loaded = export_format.load(export_dir)
     peft_export.write_peft(
         loaded.config,
@@ -324,15 +338,18 @@ def export_peft(
         fused_states=fused_states,
         overwrite=overwrite,
     )
-    print(f"wrote {os.path.abspath(out)} (PEFT LoRA for one instruction, HF base in base/)")
-    return os.path.abspath(out)
+    print(f"wrote {out} (PEFT LoRA for one instruction, HF base in base/)")
+    return out
 
 
 def export_hf(export_dir: str, out: str, *, instruction: str | None = None, overwrite=False):
     """The student's backbone (merged with ``instruction``'s adapters when given) as a Hugging
-    Face T5 directory with tokenizer files (see ``tagi_jax.convert.hf_export``)."""
+    Face T5 directory with tokenizer files (see ``tagi_jax.convert.hf_export``). ``out`` must
+    pass ``export_format.check_replaceable`` (kind ``hf``, made from the export and its base)."""
     from tagi_jax.convert import hf_export
 
+    sources = export_format.sources_of(export_dir)
+    out = export_format.check_replaceable(out, "hf", overwrite=overwrite, sources=sources)
     loaded = export_format.load(export_dir)
     if instruction is not None:
         hf_export.write_task_hf(
@@ -352,8 +369,8 @@ def export_hf(export_dir: str, out: str, *, instruction: str | None = None, over
             overwrite=overwrite,
         )
     what = "merged with one instruction's adapters" if instruction else "backbone"
-    print(f"wrote {os.path.abspath(out)} (Hugging Face T5, {what})")
-    return os.path.abspath(out)
+    print(f"wrote {out} (Hugging Face T5, {what})")
+    return out
 
 
 # --- CLI ---------------------------------------------------------------------------------------
@@ -391,7 +408,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="--peft for a fusion student: also write the encoded instruction (see peft_export)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous output of the same kind at --out (never a run or other files)",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.peft and args.hf:

@@ -97,7 +97,9 @@ class Predictor:
     def load(cls, export_dir: str, **overrides) -> Predictor:
         """The student of an export directory (``python -m tagi_jax.export``'s, or a finished
         run's ``MODEL_DIR/export``), on one device. ``overrides``: ``input_length``,
-        ``instruction_length``, ``max_decode_len``, ``batch_size``, ``cache_size``."""
+        ``instruction_length``, ``max_decode_len``, ``batch_size``, ``cache_size``. An export
+        whose parameters hold NaN or Inf is refused (``export_format.NonFiniteParamsError``):
+        it would only ever generate garbage."""
         from tagi_jax.artifacts import export_format
 
         loaded = export_format.load(export_dir)

@@ -8,8 +8,9 @@ The parsed config goes to ``<MODEL_DIR>/config.gin`` before training and the ope
 The run file's ``run.stage`` picks what runs: ``train`` (the training loop: the metatrain,
 hyper_pretrain and finetune stages) or ``lora_teachers``. Stage run files live in
 ``gin_configs/runs/``; add a ``gin_configs/mesh/`` file for accelerators. Bad input (unknown
-binding or file, missing data or checkpoint, a checkpoint of another model, a non-finite loss)
-ends with one ``error:`` line and exit status 2.
+binding or file, bad data, a missing, corrupt or mismatched checkpoint, a non-finite loss or
+update, a full disk, a second trainer on the same directory) ends with one ``error:`` line and
+exit status 2.
 """
 
 from __future__ import annotations
@@ -43,12 +44,18 @@ def parse_flags(
     return args
 
 
+def config_error(message: str):
+    """One ``error:`` line and exit status 2, as for every other bad input."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def resolve_gin_file(name: str, search: list[str]) -> str:
     """The first existing of ``name`` and ``<search path>/name``, as an absolute path."""
     for candidate in [name, *(os.path.join(p, name) for p in search)]:
         if os.path.isfile(candidate):
             return os.path.abspath(candidate)
-    raise SystemExit(f"error: gin file not found: {name} (searched {', '.join(search)})")
+    config_error(f"gin file not found: {name} (searched {', '.join(search)})")
 
 
 def register_configurables() -> None:
@@ -101,7 +108,7 @@ def parse_gin(args: argparse.Namespace) -> None:
     try:
         gin.parse_config_files_and_bindings(files, args.gin_bindings)
     except (ValueError, SyntaxError, KeyError, ImportError, OSError) as e:
-        raise SystemExit(f"error: bad gin configuration: {e}") from e
+        config_error(f"bad gin configuration: {e}")
     finally:
         root.setLevel(level)
 
@@ -118,15 +125,29 @@ def configured(flags: list[str]):
         gin.clear_config()
 
 
+def quiet_tensorflow() -> None:
+    """TensorFlow (imported by the data pipeline) prints hundreds of C++ log lines before an
+    error of ours unless told otherwise, and reads this only at its import."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_tensorflow()
     args = parse_flags(sys.argv[1:] if argv is None else argv)
     parse_gin(args)
-    from tagi_jax.training import stages
+    from tagi_jax.training import checkpointing, stages
 
     try:
         stages.run()
-    except (FileNotFoundError, FileExistsError, FloatingPointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (
+        OSError,  # missing files, a full disk (CheckpointWriteError)
+        FloatingPointError,  # a non-finite loss or update
+        ValueError,  # bad settings and data, checkpoint mismatches, corrupt checkpoints
+        checkpointing.RunLockedError,
+    ) as e:
+        # gin appends "  In call to configurable ..." lines: the first line names the culprit
+        message = str(e).split("\n  In call to configurable", 1)[0]
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -37,15 +37,15 @@ def test_six_steps_equal_three_steps_kill_and_three_resumed(tmp_path):
 
     ckpt = checkpointing.Checkpointer(str(tmp_path), config_json="model-a", keep=2)
     first = _run(step, state, frozen, 0, 3)
-    ckpt.save(3, first, data_position=3)
+    ckpt.save(3, first, examples=3)
     ckpt.close()
     del first  # "kill": only the checkpoint survives
 
     again = checkpointing.Checkpointer(str(tmp_path), config_json="model-a", keep=2)
     assert again.latest_step() == 3
     restored, meta = again.restore(state)
-    assert meta["data_position"] == 3
-    resumed = _run(step, restored, frozen, meta["data_position"], 3)
+    assert meta["examples"] == 3  # batches of one example
+    resumed = _run(step, restored, frozen, meta["examples"], 3)
     assert int(resumed.step) == int(straight.step) == 6
     for k in straight.trainable:
         np.testing.assert_array_equal(
@@ -58,7 +58,7 @@ def test_keeps_the_last_k_and_refuses_another_config(tmp_path):
     frozen, state, step = _setup()
     ckpt = checkpointing.Checkpointer(str(tmp_path), config_json="model-a", keep=2)
     for s in (1, 2, 3):
-        ckpt.save(s, state, data_position=s)
+        ckpt.save(s, state, examples=s)
     assert ckpt.manager.all_steps() == [2, 3]
     other = checkpointing.Checkpointer(str(tmp_path), config_json="model-b", keep=2)
     with pytest.raises(checkpointing.CheckpointMismatchError, match="another model config"):

@@ -396,8 +396,9 @@ def test_overwrite_is_refused_unless_asked_and_writes_are_atomic(tmp_path, monke
     before = set(os.listdir(out))
     with pytest.raises(FileExistsError, match="overwrite=True"):
         hf_export.write_hf(config.t5, params["t5"], out, vocabulary="byte")
-    with pytest.raises(FileExistsError, match="overwrite=True"):
-        peft_export.write_peft(config, params, INSTRUCTION, out, vocabulary="byte")
+    # an HF directory is no PEFT output: never replaced by one, overwrite or not
+    with pytest.raises(ValueError, match="not a PEFT LoRA directory"):
+        peft_export.write_peft(config, params, INSTRUCTION, out, vocabulary="byte", overwrite=True)
 
     # a failure half-way leaves the old export as it was and no temporary directory behind
     def broken_save(*args, **kwargs):

@@ -52,3 +52,31 @@ def load_t5(path: str, mesh=None, shardings=None):
     if shardings is not None:
         params = jax.tree.map(jax.device_put, params, shardings)
     return config, params
+
+
+# Bytes read from each end of each file for the fingerprint: enough to tell two bases apart
+# (safetensors and orbax files start with their own tensors/headers), cheap at XXL scale.
+_FINGERPRINT_BYTES = 1 << 20
+
+
+def fingerprint(path: str) -> str:
+    """A cheap fingerprint of a backbone source's files: every file's relative name and size
+    and the SHA-256 of its first and last MiB. Reading the whole of an XXL base (45 GB) on each
+    resume is not worth it; another base behind the same path (another size, another
+    checkpoint, a re-conversion) changes names, sizes or those bytes. Copying or touching the
+    same files does not change it (no mtimes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    root = resolve(path)
+    for directory, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            file = os.path.join(directory, name)
+            size = os.path.getsize(file)
+            digest.update(f"{os.path.relpath(file, root)}|{size}|".encode())
+            with open(file, "rb") as f:
+                digest.update(f.read(_FINGERPRINT_BYTES))
+                if size > _FINGERPRINT_BYTES:
+                    f.seek(max(size - _FINGERPRINT_BYTES, _FINGERPRINT_BYTES))
+                    digest.update(f.read())
+    return digest.hexdigest()[:16]

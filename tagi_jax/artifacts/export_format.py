@@ -25,6 +25,14 @@ E/export.json        format version, step, source, time, counts
 The base is included by default; a reference (``base_reference``) keeps only its path and
 fingerprint, and ``load`` refuses a base whose tensors changed since.
 
+Safety rules, here so that every writer and reader shares them:
+
+* ``check_replaceable`` decides where an output (this export, a PEFT or a Hugging Face
+  directory) may be written: never in, over or above a training run, never over what is not
+  that kind of output, and over a previous output only with ``overwrite``. ``save`` writes
+  aside and swaps, so nothing is removed before the new output is complete.
+* ``save`` and ``load`` refuse parameters holding NaN or Inf (``NonFiniteParamsError``).
+
 This module imports neither the trainer nor TensorFlow.
 """
 
@@ -35,11 +43,13 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from tagi_jax.artifacts import backbone
@@ -56,12 +66,50 @@ SPIECE_FILE = "spiece.model"
 DATA_FILE = "data.json"
 INFO_FILE = "export.json"
 SENTENCEPIECE_EXTRA_IDS = 100  # T5's sentinels, as data.vocab builds the vocabulary
+# What a training run directory holds (tagi_jax.training.checkpointing writes them). Spelled
+# here, not imported: artifacts must not import the trainer; tests check that they agree.
+RUN_FILE = "run.json"
+CHECKPOINTS_DIR = "checkpoints"
+
+# Every top-level name ``save`` writes: an existing export holding anything else is not
+# replaced (it would be deleted with it).
+EXPORT_ENTRIES = frozenset(
+    {
+        CONFIG_FILE,
+        PARAMS_DIR,
+        BASE_FILE,
+        BASE_DIR,
+        VOCABULARY_FILE,
+        SPIECE_FILE,
+        DATA_FILE,
+        INFO_FILE,
+    }
+)
+# What tagi_jax.convert.hf_export writes (hf_t5.save: config + weights; write_tokenizer).
+HF_ENTRIES = frozenset(
+    {
+        "config.json",
+        "model.safetensors",
+        SPIECE_FILE,
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
+)
+KINDS = ("export", "peft", "hf")
 
 Flat = dict[str, Any]
 
 
 class ExportError(ValueError):
     """An export that cannot be written or loaded; the message names the path at fault."""
+
+
+class OutputRefused(ExportError):
+    """An output path that must not be written or replaced (``check_replaceable``)."""
+
+
+class NonFiniteParamsError(ExportError):
+    """Parameters holding NaN or Inf: an export of them would only ever produce garbage."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +265,255 @@ def ni_config_from(data: Mapping[str, Any], **overrides):
     return ni_lib.NIConfig(**{**data["ni"], **overrides})
 
 
+# --- safety: where an output may go, finite parameters -----------------------------------------
+
+
+def run_marker(path: str) -> str | None:
+    """What makes ``path`` a training run directory, or None when it is not one: its
+    ``run.json``, or (a run from before run records) a ``checkpoints/`` that is the trainer's:
+    empty or holding step directories (``4``, ``4.orbax-checkpoint-tmp-*``). A
+    ``~/checkpoints`` of downloaded models does not make the home directory a run."""
+    if os.path.isfile(os.path.join(path, RUN_FILE)):
+        return RUN_FILE
+    checkpoints = os.path.join(path, CHECKPOINTS_DIR)
+    if os.path.isdir(checkpoints):
+        try:
+            names = os.listdir(checkpoints)
+        except OSError:
+            names = []  # unreadable: count it, refusing is the safe side
+        if not names or any(name.split(".")[0].isdigit() for name in names):
+            return f"{CHECKPOINTS_DIR}/"
+    return None
+
+
+def is_run_dir(path: str) -> bool:
+    """Whether ``path`` is a training run directory (``run_marker``)."""
+    return run_marker(path) is not None
+
+
+_KIND_NAMES = {"export": "tagi_jax export", "peft": "PEFT LoRA directory", "hf": "Hugging Face T5"}
+
+
+def _what(kind: str) -> str:
+    return _KIND_NAMES[kind]
+
+
+def _markers(kind: str) -> tuple[str, ...]:
+    """The files that say a directory is a ``kind`` output. An export has ``export.json`` and
+    ``tagi_config.json`` (written last): either will do, a copy may have lost one of them."""
+    if kind == "export":
+        return (INFO_FILE, CONFIG_FILE)
+    if kind == "peft":
+        from tagi_jax.convert import peft_export
+
+        return (peft_export.ADAPTER_CONFIG,)
+    return ("config.json",)
+
+
+def _foreign(path: str, kind: str) -> list[str]:
+    """The entries of the ``kind`` output ``path`` that its writer does not write."""
+    if kind == "export":
+        return sorted(set(os.listdir(path)) - EXPORT_ENTRIES)
+    if kind == "hf":
+        return sorted(set(os.listdir(path)) - HF_ENTRIES)
+    from tagi_jax.convert import peft_export
+
+    allowed = HF_ENTRIES - {"config.json", "model.safetensors"} | {
+        peft_export.ADAPTER_CONFIG,
+        peft_export.ADAPTER_WEIGHTS,
+        peft_export.INSTRUCTION_RECORD,
+        peft_export.INSTRUCTION_STATES,
+        peft_export.BASE_SUBDIR,
+    }
+    foreign = sorted(set(os.listdir(path)) - allowed)
+    base = os.path.join(path, peft_export.BASE_SUBDIR)
+    if os.path.isdir(base) and not os.path.islink(base):  # the HF export of the backbone
+        foreign += [f"{peft_export.BASE_SUBDIR}/{name}" for name in _foreign(base, "hf")]
+    return foreign
+
+
+def _run_within(path: str) -> str | None:
+    """A training run directory at or below ``path`` (symbolic links not followed), or None."""
+    for root, dirs, files in os.walk(path):
+        if (RUN_FILE in files or CHECKPOINTS_DIR in dirs) and is_run_dir(root):
+            return root
+    return None
+
+
+def _inside(path: str, parent: str) -> bool:
+    return os.path.commonpath([path, parent]) == parent
+
+
+def check_replaceable(
+    out: str,
+    kind: str = "export",
+    *,
+    overwrite: bool = False,
+    sources: Sequence[str] = (),
+    allow_run_export: bool = False,
+) -> str:
+    """The absolute ``out`` where a ``kind`` output (``"export"``, ``"peft"``, ``"hf"``) may be
+    written; raises when it may not, with one line naming the path and why. The one rule every
+    writer follows, so that no typed path loses a run:
+
+    * ``out`` may not be, contain or lie inside a training run directory (``is_run_dir``); the
+      exception is ``<run>/export`` with ``allow_run_export`` (the export a run writes of
+      itself when it finishes; ``save``'s default, for the training loop);
+    * nor be, contain or lie inside one of ``sources`` (what the output is made from: the
+      export, its referenced base, the run);
+    * an existing ``out`` is replaced only when it is an empty directory or a ``kind`` output
+      (its marker file: ``export.json`` / ``tagi_config.json``, ``adapter_config.json``,
+      ``config.json``) holding nothing its writer does not write, and only with
+      ``overwrite`` (else FileExistsError). A file, a symbolic link or any other directory is
+      never replaced.
+
+    Raises OutputRefused (an ExportError, so a ValueError) or FileExistsError.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    out = os.path.abspath(out)
+    real = os.path.realpath(out)
+
+    def refuse(why: str):
+        raise OutputRefused(f"refusing to write {out}: {why}")
+
+    # A run first: its checkpoints, metrics and run.json are what a typo must never cost.
+    parent = os.path.dirname(real)
+    while True:
+        marker = run_marker(parent)
+        if marker is not None:
+            slot = parent == os.path.dirname(real) and (
+                os.path.basename(real) == backbone.RUN_EXPORT_DIR
+            )
+            if slot and allow_run_export and kind == "export":
+                # The run's own export, written when it finishes: what lies above the run is
+                # not checked, so that the end of a long run never fails over where it was put.
+                break
+            if slot:
+                refuse(
+                    f"it is the export of the training run {parent} (it has {marker}), which "
+                    "only the run writes; choose a path outside run directories"
+                )
+            refuse(
+                f"it lies inside the training run {parent} (it has {marker}); choose a path "
+                "outside run directories"
+            )
+        if os.path.dirname(parent) == parent:
+            break
+        parent = os.path.dirname(parent)
+    exists = os.path.isdir(real) and not os.path.islink(out)
+    if exists and is_run_dir(real):
+        refuse(
+            f"it is a training run directory (it has {run_marker(real)}); --overwrite only "
+            f"ever replaces a previous {_what(kind)}"
+        )
+    if exists:
+        for name in sorted(os.listdir(real)):
+            child = os.path.join(real, name)
+            if os.path.isdir(child) and not os.path.islink(child) and is_run_dir(child):
+                refuse(f"it contains the training run {child} (it has {run_marker(child)})")
+    for source in sources:
+        source = os.path.realpath(source)
+        if real == source:
+            refuse(f"it is {source}, which this output is made from")
+        if _inside(real, source):
+            refuse(f"it lies inside {source}, which this output is made from")
+        if _inside(source, real):
+            refuse(f"it contains {source}, which this output is made from")
+    if not os.path.lexists(out):
+        return out
+    if os.path.islink(out):
+        refuse("it is a symbolic link: name the directory itself")
+    if not os.path.isdir(out):
+        refuse(f"it is a file, not a {_what(kind)}; --overwrite only replaces a previous one")
+    if not os.listdir(out):
+        return out  # nothing to lose
+    markers = _markers(kind)
+    if not any(os.path.isfile(os.path.join(out, m)) for m in markers):
+        refuse(
+            f"it is not empty and not a {_what(kind)} (no {' or '.join(markers)}); "
+            "--overwrite only replaces a previous one"
+        )
+    run = _run_within(out)
+    if run is not None:
+        refuse(f"it contains the training run {run}")
+    foreign = _foreign(out, kind)
+    if foreign:
+        refuse(
+            f"it holds what a {_what(kind)} does not ({listing(foreign, 5)}): move them away "
+            "or choose another path"
+        )
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace")
+    return out
+
+
+def _remove_stale(tmp: str) -> None:
+    """Removes ``tmp``, the half-written export of an interrupted ``save``, after checking
+    that it is one (a directory holding only what an export holds): a user's directory that
+    happens to have that name is never removed."""
+    if not os.path.lexists(tmp):
+        return
+
+    def ours(name: str) -> bool:
+        # orbax writes params/ as params.orbax-checkpoint-tmp-* first: interrupted, that remains
+        return name in EXPORT_ENTRIES or name.startswith(f"{PARAMS_DIR}.")
+
+    if (
+        os.path.islink(tmp)
+        or not os.path.isdir(tmp)
+        or not all(ours(name) for name in os.listdir(tmp))
+        or _run_within(tmp) is not None
+    ):
+        raise OutputRefused(
+            f"refusing to remove {tmp}: it is not a half-written export (where save writes "
+            "before moving into place); move it away"
+        )
+    shutil.rmtree(tmp)
+
+
+def _swap(tmp: str, out: str) -> None:
+    """Moves the complete ``tmp`` to ``out``; a previous ``out`` is moved aside first and
+    removed only once the new one is in place (put back if the move fails)."""
+    if not os.path.lexists(out):
+        os.replace(tmp, out)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+    aside = os.path.join(old, os.path.basename(out))
+    os.replace(out, aside)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(aside, out)
+        os.rmdir(old)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@jax.jit
+def _all_finite(x):
+    return jnp.isfinite(x).all()
+
+
+def nonfinite(flat: Mapping[str, Any]) -> list[str]:
+    """The paths of ``flat``'s floating-point tensors holding a NaN or an Inf: one reduction
+    per tensor where it lives (sharded tensors included), one transfer of the verdicts."""
+    paths = [p for p, v in flat.items() if jnp.issubdtype(v.dtype, jnp.inexact)]
+    verdicts = jax.device_get([_all_finite(flat[p]) for p in paths])
+    return sorted(p for p, ok in zip(paths, verdicts, strict=True) if not ok)
+
+
+def check_finite(flat: Mapping[str, Any], where: str) -> None:
+    """Raises NonFiniteParamsError naming the first tensors of ``flat`` (and how many) that
+    hold NaN or Inf; ``where`` starts the message (the path written or read)."""
+    bad = nonfinite(flat)
+    if bad:
+        raise NonFiniteParamsError(
+            f"{where}: {len(bad)} of {len(flat)} parameter tensors hold NaN or Inf "
+            f"({listing(bad, 4)}): a diverged run? export an earlier checkpoint (--step)"
+        )
+
+
 # --- writing -----------------------------------------------------------------------------------
 
 
@@ -250,19 +547,31 @@ def save(
     overwrite: bool = False,
     is_main: bool = True,
     sync: Callable[[str], None] = lambda name: None,
+    sources: Sequence[str] = (),
+    allow_run_export: bool = True,
 ) -> str:
     """Writes the export of the student ``params`` (the full tree) to ``out``; returns its
     absolute path.
 
     ``vocabulary``: ``"byte"`` or a SentencePiece path (copied in). ``data``: ``data.json``
     (``data_settings``). ``base_reference``: keep the backbone by reference instead of
-    including it. Written to ``out.tmp`` and renamed, so ``out`` is complete or absent; an
-    existing ``out`` is replaced only with ``overwrite``. On several processes every one
-    calls this (orbax saves are collective), ``is_main`` moves files, ``sync`` is a barrier.
+    including it. ``out`` must pass ``check_replaceable`` (with ``sources``, what the export is
+    made from, and the referenced base; ``allow_run_export``: ``<run>/export`` may be written,
+    as the training loop does); parameters holding NaN or Inf are refused
+    (NonFiniteParamsError), before anything is written. Written to ``out.tmp`` and swapped in,
+    so ``out`` is complete or absent, and a previous export is removed only after. On several
+    processes every one calls this (orbax saves are collective), ``is_main`` moves files,
+    ``sync`` is a barrier.
     """
     out = os.path.abspath(out)
-    if is_main and os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace")
+    sources = [*sources, *([base_reference.path] if base_reference is not None else [])]
+    rule = {
+        "overwrite": overwrite,
+        "sources": sources,
+        "allow_run_export": allow_run_export,
+    }
+    if is_main:
+        check_replaceable(out, "export", **rule)
     flat = trainable.flatten(params)
     expected = trainable.flatten(tagi.abstract_params(config))
     if set(flat) != set(expected):
@@ -271,10 +580,11 @@ def save(
             f"{listing(set(flat) - set(expected)) or '-'}; only in the config: "
             f"{listing(set(expected) - set(flat)) or '-'}"
         )
+    # Every process checks (the same global arrays, the same verdict), so all stop together.
+    check_finite(flat, f"not writing {out}")
     tmp = out + ".tmp"
     if is_main:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)  # a stale half-written export from an interrupted run
+        _remove_stale(tmp)  # a half-written export from an interrupted run
         os.makedirs(tmp)
     sync("export: clean")
     import orbax.checkpoint as ocp
@@ -315,11 +625,22 @@ def save(
         # The config goes last: a directory with a tagi_config.json has everything else.
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             f.write(config.to_json())
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        # Again: the write took a while, and what is at `out` now is what the swap removes.
+        check_replaceable(out, "export", **rule)
+        _swap(tmp, out)
     sync("export: moved")
     return out
+
+
+def sources_of(path: str) -> list[str]:
+    """What outputs made from the export ``path`` must not overwrite: the export and a base it
+    references (unreadable records are left to ``load`` to report)."""
+    path = os.path.abspath(path)
+    try:
+        kind, location, _ = _base_info(path)
+    except (OSError, ExportError):
+        return [path]
+    return [path, location] if kind == "reference" else [path]
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -428,7 +749,8 @@ def load(path: str, *, verify_base: bool = True, shardings=None) -> Export:
     tree matching ``tagi.abstract_params``), its settings and vocabulary.
 
     ``verify_base``: check a referenced base against the fingerprint taken at export (hashes
-    every backbone tensor), refusing a base that changed.
+    every backbone tensor), refusing a base that changed. Parameters holding NaN or Inf (the
+    base's too) are refused: NonFiniteParamsError names them.
     """
     import orbax.checkpoint as ocp
 
@@ -482,7 +804,9 @@ def load(path: str, *, verify_base: bool = True, shardings=None) -> Export:
         raise ExportError(
             f"neither the base {location} nor {params_path} holds: {listing(missing)}"
         )
-    params = unflatten({**base_flat, **saved}, jax.tree.structure(abstract_tree))
+    flat = {**base_flat, **saved}
+    check_finite(flat, f"refusing to load {path}")
+    params = unflatten(flat, jax.tree.structure(abstract_tree))
     return Export(
         path=path,
         config=config,

@@ -130,20 +130,18 @@ def check_vocabulary_fits(t5_config: T5Config, vocabulary: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(out: str, *, overwrite: bool = False) -> Iterator[str]:
+def atomic_directory(out: str, *, kind: str, overwrite: bool = False) -> Iterator[str]:
     """Yields a fresh directory beside ``out`` that becomes ``out`` when the block succeeds.
 
-    An existing non-empty ``out`` is refused unless ``overwrite``; then it is replaced only after
-    the new one is complete. On error the partial directory is removed and ``out`` is untouched.
+    ``out`` must be a place a ``kind`` output (``"hf"``, ``"peft"``) may go
+    (``export_format.check_replaceable``: never a training run or anything that is not a
+    previous output of that kind); an existing one is replaced only with ``overwrite``, and only
+    after the new one is complete. On error the partial directory is removed and ``out`` is
+    untouched.
     """
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"export destination {out} exists and is not a directory")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise FileExistsError(
-            f"export destination {out} already exists and is not empty; pass overwrite=True "
-            "to replace it"
-        )
+    from tagi_jax.artifacts import export_format
+
+    out = export_format.check_replaceable(out, kind, overwrite=overwrite)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     # Beside `out`, so the final rename stays on one filesystem and is atomic.
@@ -236,7 +234,7 @@ def write_hf(
       student: the ``TagiConfig`` that generated ``adapters``; a fusion student is refused.
       overwrite: replace an existing non-empty ``out``.
     """
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, kind="hf", overwrite=overwrite) as tmp:
         write_hf_into(
             t5_config, t5_params, tmp, vocabulary=vocabulary, adapters=adapters, student=student
         )

@@ -257,7 +257,7 @@ def write_peft(
             # overwriting `out` would delete the base the adapters point at
             raise ValueError(f"base_dir {base} must lie outside the export directory {out}")
     # Refuse before the (possibly long) adapter generation and weight writing.
-    with hf_export.atomic_directory(out, overwrite=overwrite) as tmp:
+    with hf_export.atomic_directory(out, kind="peft", overwrite=overwrite) as tmp:
         states, adapters = tagi.encode_task(config, params, tokens)
         if not adapters:
             raise ValueError("the hypernetwork generated no adapters for this student")

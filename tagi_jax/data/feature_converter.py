@@ -10,16 +10,20 @@ so examples cannot share a row) maps::
   task_id, category_id (scalars) -> passed through
 
 Every sequence is trimmed/padded to its length: static shapes. ``training_batches`` gives a
-task's endless numpy batches; ``tagi_jax.training.inputs`` places them on the mesh.
+task's endless numpy batches (bad data met on the way is one ``DataError`` line);
+``tagi_jax.training.inputs`` places them on the mesh.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator, Mapping
 
 import numpy as np
 import seqio
 import tensorflow as tf
+
+from tagi_jax.data import errors
 
 _SEQUENCES = {
     "inputs": "encoder_input_tokens",
@@ -27,6 +31,15 @@ _SEQUENCES = {
     "teacher_inputs": "teacher_input_tokens",
 }
 IDS = ("task_id", "category_id")
+# What tf.data raises for bad data: a Python exception in a generator (InvalidArgument for a
+# ValueError, Unknown for other types), a missing or corrupt file. Others (out of memory, a
+# cancelled pipeline) are not the data's fault and keep their own type.
+_DATA_ERRORS = (
+    tf.errors.InvalidArgumentError,
+    tf.errors.UnknownError,
+    tf.errors.NotFoundError,
+    tf.errors.DataLossError,
+)
 
 
 def _spec(rank: int = 1):
@@ -108,22 +121,57 @@ def training_batches(
     *,
     seed: int,
     with_teacher: bool,
+    source: str = "",
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless numpy batches of ``task``'s (a registered Task or Mixture) ``train`` split,
-    shuffled in a ``seed``-fixed order. ``with_teacher`` keeps ``teacher_input_tokens``."""
+    shuffled in a ``seed``-fixed order. ``with_teacher`` keeps ``teacher_input_tokens``.
+
+    Bad data met while the batches are built or pulled is one ``DataError`` line (the original
+    message of what the reader raised, not TensorFlow's traceback around it), and a task with no
+    examples is a ``DataError`` naming the task and ``source`` (where its data lives), not the
+    end of the stream."""
     conv = TagiFeatureConverter(with_teacher=with_teacher)
     lengths = dict(feature_lengths)
     if not with_teacher:
         lengths.pop("teacher_inputs", None)
     lengths = conv.task_feature_lengths(lengths)
-    provider = seqio.get_mixture_or_task(task)
-    # A Mixture keeps only its output features (the text streams); the scalar ids are not
-    # features (seqio would trim them like sequences), so they are passed through by name.
-    extra = {"passthrough_features": IDS} if isinstance(provider, seqio.Mixture) else {}
-    ds = provider.get_dataset(
-        lengths, split="train", shuffle=True, seed=seed, num_epochs=None, **extra
-    )
-    return numpy_batches(conv(ds, task_feature_lengths=lengths), batch_size)
+    context = f"task {task!r}" + (f" ({source})" if source else "")
+    try:
+        provider = seqio.get_mixture_or_task(task)
+        # A Mixture keeps only its output features (the text streams); the scalar ids are not
+        # features (seqio would trim them like sequences), so they are passed through by name.
+        extra = {"passthrough_features": IDS} if isinstance(provider, seqio.Mixture) else {}
+        ds = provider.get_dataset(
+            lengths, split="train", shuffle=True, seed=seed, num_epochs=None, **extra
+        )
+        batches = numpy_batches(conv(ds, task_feature_lengths=lengths), batch_size)
+    except _DATA_ERRORS as e:
+        raise errors.from_pipeline(e, context) from None
+    return _pulled(batches, context)
+
+
+def _pulled(batches: Iterator, context: str) -> Iterator[dict[str, np.ndarray]]:
+    """``batches`` (endless) with the errors of pulling them made data errors."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            # The train split repeats forever: it ends only when it has no example at all.
+            error = errors.DataError(
+                f"{context} has no training examples: its train split is empty"
+            )
+        except _DATA_ERRORS as e:
+            error = errors.from_pipeline(e, context)
+        else:
+            yield batch
+            continue
+        # Raised outside the except clause (no __context__) once the failed pipeline is gone:
+        # TensorFlow's error holds the iterator in a reference cycle, and an iterator left to
+        # be destroyed at interpreter exit waits there forever for its generator threads,
+        # which can no longer take the GIL: the process would print the error and hang.
+        del batches
+        gc.collect()
+        raise error from None
 
 
 def numpy_batches(dataset: tf.data.Dataset, batch_size: int, *, drop_remainder: bool = True):

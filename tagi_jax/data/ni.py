@@ -15,9 +15,13 @@ the LoRA-teacher stage and evaluation alike. With ``max_source_length`` set, Tk-
 budget counts the model's tokens: demonstrations are dropped before the source is cut, so the
 ``Input: ... Output:`` tail survives whenever the Definition and the input fit.
 
-Bad input (malformed JSON, a file that is not UTF-8, a listed task missing on disk, no
-Definition or Instances, an instance without outputs) raises ``NIDataError`` naming the file and
-instance, or with ``on_error="skip"`` is counted and reported in one warning at the end.
+Bad input (malformed JSON, a file that is not UTF-8, a listed task missing on disk, a field of
+the wrong type or missing: ``load_task`` checks every field this module reads) raises
+``NIDataError`` (a ``tagi_jax.data.errors.DataError``), one line naming the file, the instance
+and the field, what was expected and what was found; with ``on_error="skip"`` the file is
+skipped instead, counted and reported in one warning at the end. A wrong type is never coerced:
+an ``output`` that is a string instead of a list of strings would train on single characters.
+``first_examples`` formats one example per task exactly as training does (``preflight``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from tagi_jax.data.errors import DataError, found
+
 log = logging.getLogger(__name__)
 
 STUDENT_INPUTS = ("definition_and_input", "input_only", "teacher_source")
@@ -44,7 +50,7 @@ DEFAULT_POS_EXAMPLES = 2  # Tk-Instruct's "Def + 2 Pos", the paper's main settin
 TASK_VARIANTS = {"def_pos2": 2, "def": 0}
 
 
-class NIDataError(ValueError):
+class NIDataError(DataError):
     """A task file or split list that cannot be used; the message names it."""
 
 
@@ -162,41 +168,122 @@ def read_split(data_dir: str, split: str, split_name: str = "default") -> list[s
     ]
     for path in candidates:
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                names = [line.strip() for line in f if line.strip()]
+            try:
+                with open(path, encoding="utf-8") as f:
+                    names = [line.strip() for line in f if line.strip()]
+            except UnicodeDecodeError as e:
+                raise NIDataError(f"{path} is not UTF-8: {e}") from None
             if not names:
                 raise NIDataError(f"{path} lists no tasks")
             return names
     raise NIDataError(f"no split file for {split!r}: looked for {' and '.join(candidates)}")
 
 
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _check_examples(path: str, task: dict, key: str) -> None:
+    """``Positive Examples`` / ``Negative Examples``: optional, else a list of
+    ``{input: str, output: str[, explanation: str]}`` (the demonstrations' text)."""
+    examples = task.get(key)
+    if examples is None:
+        return
+    if not isinstance(examples, list):
+        raise NIDataError(f'{path}: "{key}" must be a list of examples, found {found(examples)}')
+    for i, example in enumerate(examples):
+        where = f'{path}: "{key}"[{i}]'
+        if not isinstance(example, dict):
+            raise NIDataError(
+                f"{where} must be an object with input and output, found {found(example)}"
+            )
+        for field in ("input", "output", "explanation"):
+            if field == "explanation" and field not in example:
+                continue
+            if not isinstance(example.get(field), str):
+                value = f"found {found(example[field])}" if field in example else "it is missing"
+                raise NIDataError(f'{where} field "{field}" must be a string, {value}')
+
+
+def _check_instance(path: str, index: int, instance: Any) -> None:
+    """One entry of ``Instances``: ``{id: str, input: str, output: [str, ...]}`` (non-empty)."""
+    if not isinstance(instance, dict):
+        raise NIDataError(
+            f"{path}: Instances[{index}] must be an object with id, input and output, "
+            f"found {found(instance)}"
+        )
+    ident = instance.get("id")
+    if not isinstance(ident, str):
+        value = f"found {found(ident)}" if "id" in instance else "it is missing"
+        raise NIDataError(f'{path}: Instances[{index}] field "id" must be a string, {value}')
+    where = f"{path}: instance {ident} (Instances[{index}])"
+    if not isinstance(instance.get("input"), str):
+        value = f"found {found(instance['input'])}" if "input" in instance else "it is missing"
+        raise NIDataError(f'{where} field "input" must be a string, {value}')
+    outputs = instance.get("output")
+    if "output" not in instance:
+        raise NIDataError(f'{where} has no outputs: field "output" is missing')
+    if not _is_str_list(outputs):
+        # a string here would be iterated into single-character references
+        raise NIDataError(
+            f'{where} field "output" must be a list of strings, found {found(outputs)}'
+        )
+    if not outputs:
+        raise NIDataError(f'{where} has no outputs: field "output" is an empty list')
+
+
+def check_task(path: str, task: Any) -> dict:
+    """``task`` (a parsed task file) if every field this module reads has its type:
+    ``Definition`` a non-empty list of strings, ``Categories`` a list of strings (optional),
+    ``Positive Examples`` / ``Negative Examples`` lists of ``{input, output[, explanation]}``
+    strings (optional), ``Instances`` a non-empty list of ``{id, input, output: [str, ...]}``.
+    Raises ``NIDataError``, one line naming ``path``, the field (and instance), what was
+    expected and what was found."""
+    if not isinstance(task, dict):
+        raise NIDataError(f"{path} does not hold a JSON object (found {found(task)})")
+    definition = task.get("Definition")
+    if not definition:
+        raise NIDataError(f'{path} has no Definition (field "Definition" missing or empty)')
+    if not _is_str_list(definition):
+        raise NIDataError(
+            f'{path}: field "Definition" must be a list of strings, found {found(definition)}'
+        )
+    categories = task.get("Categories")
+    if categories is not None and not _is_str_list(categories):
+        # a string here would give the category of its first letter
+        raise NIDataError(
+            f'{path}: field "Categories" must be a list of strings, found {found(categories)}'
+        )
+    _check_examples(path, task, "Positive Examples")
+    _check_examples(path, task, "Negative Examples")
+    instances = task.get("Instances")
+    if not instances:
+        raise NIDataError(f'{path} has no Instances (field "Instances" missing or empty)')
+    if not isinstance(instances, list):
+        raise NIDataError(
+            f'{path}: field "Instances" must be a list of instances, found {found(instances)}'
+        )
+    for i, instance in enumerate(instances):
+        _check_instance(path, i, instance)
+    return task
+
+
 def load_task(path: str) -> dict:
-    """A parsed, validated task file."""
+    """A parsed task file whose schema holds (``check_task``)."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
-    except FileNotFoundError as e:
-        raise NIDataError(f"task file missing: {path}") from e
+    except FileNotFoundError:
+        raise NIDataError(f"task file missing: {path}") from None
+    except OSError as e:
+        raise NIDataError(f"{path}: cannot read the task file: {e.strerror or e}") from None
     try:
         task = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise NIDataError(f"{path} is not UTF-8: {e}") from e
+        raise NIDataError(f"{path} is not UTF-8: {e}") from None
     except json.JSONDecodeError as e:
-        raise NIDataError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(task, dict):
-        raise NIDataError(f"{path} does not hold a JSON object")
-    definition = task.get("Definition")
-    if not definition or not all(isinstance(d, str) for d in definition):
-        raise NIDataError(f"{path} has no Definition")
-    instances = task.get("Instances")
-    if not instances:
-        raise NIDataError(f"{path} has no Instances")
-    for i, instance in enumerate(instances):
-        outputs = instance.get("output") if isinstance(instance, dict) else None
-        if "input" not in (instance or {}) or not outputs:
-            ident = instance.get("id", i) if isinstance(instance, dict) else i
-            raise NIDataError(f"{path}: instance {ident} has no input or no outputs")
-    return task
+        raise NIDataError(f"{path} is not valid JSON: {e}") from None
+    return check_task(path, task)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,6 +433,69 @@ def categories(tasks) -> list[str]:
     return sorted({(task.get("Categories") or ["Uncategorized"])[0] for _, task in tasks})
 
 
+def _budget(config: NIConfig, vocabulary) -> dict[str, Any]:
+    """``format_instance``'s budget arguments for ``config`` (none without a budget)."""
+    if config.max_source_length is None:
+        return {}
+    if vocabulary is None:
+        raise ValueError(
+            f"NIConfig.max_source_length={config.max_source_length} counts the model's "
+            "tokens: iter_examples needs the vocabulary"
+        )
+    count_tokens, cut_source = token_budget(vocabulary, config.max_source_length)
+    return dict(
+        max_source_length=config.max_source_length,
+        count_tokens=count_tokens,
+        cut_source=cut_source,
+    )
+
+
+def _task_examples(
+    tasks: list,
+    task_id: int,
+    category_ids: dict[str, int],
+    split: str,
+    config: NIConfig,
+    seed: int,
+    budget: dict,
+) -> Iterator[dict[str, Any]]:
+    """The formatted examples of ``tasks[task_id]``, in the order ``iter_examples`` gives."""
+    name, task = tasks[task_id]
+    training = split == "train"
+    instances = list(task["Instances"])
+    # zlib.crc32, not hash(): stable across processes and Python versions.
+    rng = random.Random(seed * 1_000_003 + zlib.crc32(name.encode()))
+    if training:
+        rng.shuffle(instances)
+        if config.max_train_instances_per_task is not None:
+            instances = instances[: config.max_train_instances_per_task]
+    else:
+        instances = instances[: config.eval_instances_per_task]
+    category = (task.get("Categories") or ["Uncategorized"])[0]
+    for instance in instances:
+        example = format_instance(
+            task,
+            instance,
+            task_name=name if config.add_task_name else "",
+            num_pos_examples=config.pos_examples,
+            num_neg_examples=config.num_neg_examples,
+            add_definition=config.add_definition,
+            add_explanation=config.add_explanation,
+            student_input=config.student_input,
+            **budget,
+        )
+        refs = example["references"]
+        example["targets"] = rng.choice(refs) if training else refs[0]
+        example.update(
+            task_name=name,
+            category=category,
+            task_id=task_id,
+            category_id=category_ids[category],
+            instance_id=instance["id"],
+        )
+        yield example
+
+
 def iter_examples(
     data_dir: str,
     split: str,
@@ -365,52 +515,29 @@ def iter_examples(
     drawn with the seeded RNG in training, the first in evaluation), ``references``,
     ``task_name``, ``category``, ``task_id``, ``category_id``, ``instance_id``.
     """
-    budget = {}
-    if config.max_source_length is not None:
-        if vocabulary is None:
-            raise ValueError(
-                f"NIConfig.max_source_length={config.max_source_length} counts the model's "
-                "tokens: iter_examples needs the vocabulary"
-            )
-        count_tokens, cut_source = token_budget(vocabulary, config.max_source_length)
-        budget = dict(
-            max_source_length=config.max_source_length,
-            count_tokens=count_tokens,
-            cut_source=cut_source,
-        )
+    budget = _budget(config, vocabulary)
     tasks = load_split(data_dir, split, config, split_name)
     category_ids = {c: i for i, c in enumerate(categories(tasks))}
-    training = split == "train"
-    for task_id, (name, task) in enumerate(tasks):
-        instances = list(task["Instances"])
-        # zlib.crc32, not hash(): stable across processes and Python versions.
-        rng = random.Random(seed * 1_000_003 + zlib.crc32(name.encode()))
-        if training:
-            rng.shuffle(instances)
-            if config.max_train_instances_per_task is not None:
-                instances = instances[: config.max_train_instances_per_task]
-        else:
-            instances = instances[: config.eval_instances_per_task]
-        category = (task.get("Categories") or ["Uncategorized"])[0]
-        for instance in instances:
-            example = format_instance(
-                task,
-                instance,
-                task_name=name if config.add_task_name else "",
-                num_pos_examples=config.pos_examples,
-                num_neg_examples=config.num_neg_examples,
-                add_definition=config.add_definition,
-                add_explanation=config.add_explanation,
-                student_input=config.student_input,
-                **budget,
-            )
-            refs = example["references"]
-            example["targets"] = rng.choice(refs) if training else refs[0]
-            example.update(
-                task_name=name,
-                category=category,
-                task_id=task_id,
-                category_id=category_ids[category],
-                instance_id=str(instance.get("id", "")),
-            )
-            yield example
+    for task_id in range(len(tasks)):
+        yield from _task_examples(tasks, task_id, category_ids, split, config, seed, budget)
+
+
+def first_examples(
+    data_dir: str,
+    split: str,
+    config: NIConfig,
+    *,
+    seed: int = 0,
+    vocabulary=None,
+    split_name: str = "default",
+) -> list[dict[str, Any]]:
+    """The first example ``iter_examples`` gives for each task of the split, formatted by the
+    same code (the data check before training: every file is read and checked, one instance
+    per task formatted)."""
+    budget = _budget(config, vocabulary)
+    tasks = load_split(data_dir, split, config, split_name)
+    category_ids = {c: i for i, c in enumerate(categories(tasks))}
+    return [
+        next(_task_examples(tasks, task_id, category_ids, split, config, seed, budget))
+        for task_id in range(len(tasks))
+    ]

@@ -18,6 +18,14 @@ directly and renders them with Jinja2 under the same rules as promptsource 0.2.3
 A render whose prompt or target is empty gives ``None``: T0 drops those (e.g. COPA templates
 written for the other question type).
 
+A template that uses a field the record lacks renders it as empty text, as promptsource does
+(Jinja's default), which makes every prompt of a mistyped field silently wrong. Such renders
+are recorded (``_MissingField``): ``render_dataset`` warns once per template, naming it and the
+fields, and reports how many renders used them (``RenderCounts.missing``); ``strict=True`` makes
+the first one a ``MissingFieldError``. Testing an optional field (``{% if x %}``,
+``x is defined``, ``x | default(...)``) is not a use: no promptsource template of the shared
+data triggers it.
+
 ``render_dataset`` writes the P3 layout, one directory per (dataset, template) task holding
 ``<split>.jsonl`` or ``<split>.tfrecord`` with ``inputs_pretokenized``, ``targets_pretokenized``
 and ``answer_choices``; the ``_score_eval`` variant holds one row per answer choice
@@ -31,6 +39,7 @@ read with ``read_list`` and ``read_raw_map``.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import importlib.resources
@@ -47,6 +56,8 @@ from typing import Any, Literal
 
 import jinja2
 import yaml
+
+from tagi_jax.data.errors import DataError, found
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +85,30 @@ OnError = Literal["raise", "skip"]
 
 class TemplateRenderError(ValueError):
     """A template failed on a record; the message names the template file, name, id and record."""
+
+
+class MissingFieldError(TemplateRenderError):
+    """(``strict``) A template used a field the record lacks; the message names the template,
+    the dataset and the fields."""
+
+
+class RenderCounts(dict):
+    """``render_dataset``'s ``{task directory: rows written}``, plus ``missing``: for each task
+    whose template used fields its records lack, ``{"template", "id", "path", "fields",
+    "renders"}`` (``renders``: how many records rendered with empty text in their place)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.missing: dict[str, dict[str, Any]] = {}
+
+    @property
+    def missing_renders(self) -> int:
+        return sum(entry["renders"] for entry in self.missing.values())
+
+    def merge(self, other: RenderCounts) -> RenderCounts:
+        self.update(other)
+        self.missing.update(getattr(other, "missing", {}))
+        return self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,9 +225,53 @@ def _most_frequent(items: Sequence[Any]) -> list[Any] | None:
     return [item for item, count in counts if count == counts[0][1]]
 
 
+# The names of the missing fields a render used (None outside a render).
+_USED_MISSING: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar(
+    "tagi_jax_p3_used_missing", default=None
+)
+
+
+class _MissingField(jinja2.Undefined):
+    """Jinja's default undefined (prints as "", iterates as empty, is false), which also
+    records its name when it is used as a value (printed, iterated, measured, compared). A
+    truth test is not recorded: templates test optional fields with ``{% if x %}``."""
+
+    __slots__ = ()
+
+    def _used(self) -> None:
+        used = _USED_MISSING.get()
+        if used is not None:
+            name = self._undefined_name or "?"
+            if self._undefined_obj is not jinja2.utils.missing:
+                name = f"{name} (of a {type(self._undefined_obj).__name__})"
+            used.add(name)
+
+    def __str__(self) -> str:
+        self._used()
+        return super().__str__()
+
+    def __iter__(self):
+        self._used()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._used()
+        return super().__len__()
+
+    def __eq__(self, other: Any) -> bool:
+        self._used()
+        return super().__eq__(other)
+
+    def __ne__(self, other: Any) -> bool:
+        self._used()
+        return super().__ne__(other)
+
+    __hash__ = jinja2.Undefined.__hash__
+
+
 @functools.cache
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.BaseLoader())
+    env = jinja2.Environment(loader=jinja2.BaseLoader(), undefined=_MissingField)
     env.globals["zip"] = zip
     env.filters["choice"] = _choice
     env.filters["random"] = _choice  # Jinja's built-in uses the global RNG
@@ -226,21 +305,76 @@ def _split(rendered: str) -> list[str]:
 
 def _render_parts(
     template: Template, record: Mapping[str, Any], rng: random.Random
-) -> tuple[list[str], list[str] | None]:
+) -> tuple[list[str], list[str] | None, set[str]]:
+    """``(parts, choices, missing)``: ``missing`` names the fields the record lacks that the
+    template (or its answer choices) used."""
     if "answer_choices" in record:
         raise ValueError("the record has a field named 'answer_choices', which templates reserve")
     variables = _protect(record)
     variables[_RNG_VAR] = rng
-    choices = None
-    if template.answer_choices is not None:
-        choices = _split(_compile(template.answer_choices).render(variables))
-    parts = _split(_compile(_truncating(template.jinja)).render(variables, answer_choices=choices))
-    return parts, choices
+    missing: set[str] = set()
+    token = _USED_MISSING.set(missing)
+    try:
+        choices = None
+        if template.answer_choices is not None:
+            choices = _split(_compile(template.answer_choices).render(variables))
+        jinja = _compile(_truncating(template.jinja))
+        parts = _split(jinja.render(variables, answer_choices=choices))
+    finally:
+        _USED_MISSING.reset(token)
+    return parts, choices, missing
 
 
 def _describe(template: Template, index: int | None) -> str:
     where = "" if index is None else f" on record {index}"
     return f"{template.path}: template {template.name!r} (id {template.id}) failed{where}"
+
+
+def _dataset(template: Template) -> str:
+    return template.dataset + (f"/{template.subset}" if template.subset else "")
+
+
+def _fields(missing: Iterable[str]) -> str:
+    return ", ".join(repr(name) for name in sorted(missing))
+
+
+def _missing_error(
+    template: Template, dataset: str, missing: set[str], index: int | None
+) -> MissingFieldError:
+    record = "the record" if index is None else f"record {index}"
+    return MissingFieldError(
+        f"{template.path}: template {template.name!r} (id {template.id}) of dataset {dataset} "
+        f"uses field(s) {_fields(missing)} that {record} lacks (strict)"
+    )
+
+
+def _apply(
+    template: Template, record: Mapping[str, Any], rng: random.Random, index: int | None
+) -> tuple[dict[str, Any] | None, set[str]]:
+    """``render``'s result and the missing fields the template used."""
+    try:
+        parts, choices, missing = _render_parts(template, record, rng)
+    except Exception as e:
+        raise TemplateRenderError(f"{_describe(template, index)}: {type(e).__name__}: {e}") from e
+    if len(parts) > 2:
+        raise TemplateRenderError(
+            f"{_describe(template, index)}: rendered {len(parts) - 1} '{SEPARATOR}' separators"
+        )
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        return None, missing
+    prompt, target = parts
+    choices = choices or []
+    example = {
+        "inputs_pretokenized": prompt,
+        "targets_pretokenized": target,
+        "answer_choices": choices,
+        "target_index": choices.index(target) if target in choices else -1,
+    }
+    return example, missing
+
+
+# (path, template id) of the templates ``render`` has warned about, so it warns once for each.
+_WARNED: set[tuple[str, str]] = set()
 
 
 def render(
@@ -249,6 +383,7 @@ def render(
     *,
     rng: random.Random | None = None,
     index: int | None = None,
+    strict: bool = False,
 ) -> dict[str, Any] | None:
     """Applies ``template`` to one raw record the way promptsource/T0 do.
 
@@ -257,6 +392,8 @@ def render(
       record: one raw dataset record (Hugging Face ``datasets`` schema).
       rng: source of the ``choice`` filter's draws; ``random.Random(0)`` when None.
       index: the record's position in its file, only used in error messages.
+      strict: a template that uses a field the record lacks raises MissingFieldError; else it
+        renders as promptsource does (empty text there) with one warning per template.
 
     Returns:
       ``{"inputs_pretokenized", "targets_pretokenized", "answer_choices", "target_index"}``
@@ -265,26 +402,25 @@ def render(
 
     Raises:
       TemplateRenderError: the template raised, or rendered more than one ``|||``.
+      MissingFieldError: (``strict``) the template used a field the record lacks.
     """
     rng = random.Random(0) if rng is None else rng
-    try:
-        parts, choices = _render_parts(template, record, rng)
-    except Exception as e:
-        raise TemplateRenderError(f"{_describe(template, index)}: {type(e).__name__}: {e}") from e
-    if len(parts) > 2:
-        raise TemplateRenderError(
-            f"{_describe(template, index)}: rendered {len(parts) - 1} '{SEPARATOR}' separators"
-        )
-    if len(parts) < 2 or not parts[0] or not parts[1]:
-        return None
-    prompt, target = parts
-    choices = choices or []
-    return {
-        "inputs_pretokenized": prompt,
-        "targets_pretokenized": target,
-        "answer_choices": choices,
-        "target_index": choices.index(target) if target in choices else -1,
-    }
+    example, missing = _apply(template, record, rng, index)
+    if missing:
+        if strict:
+            raise _missing_error(template, _dataset(template), missing, index)
+        if (template.path, template.id) not in _WARNED:
+            _WARNED.add((template.path, template.id))
+            logger.warning(
+                "%s: template %r (id %s) of dataset %s uses field(s) %s that a record lacks: "
+                "rendered as empty text (strict=True makes this an error)",
+                template.path,
+                template.name,
+                template.id,
+                _dataset(template),
+                _fields(missing),
+            )
+    return example
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,27 +444,39 @@ def _render_examples(
     max_examples: int | None,
     on_error: OnError,
     failures: Counter[str],
-) -> tuple[list[dict[str, Any]], int]:
-    """Renders one task; returns (examples, number of empty renders). Failures are raised, or
-    counted in ``failures`` under the template's description when ``on_error="skip"``."""
+    dataset: str,
+    strict: bool,
+) -> tuple[list[dict[str, Any]], int, set[str], int]:
+    """Renders one task; returns (examples, number of empty renders, the missing fields the
+    template used, the number of renders that used one). Failures are raised, or counted in
+    ``failures`` under the template's description when ``on_error="skip"``. With ``strict`` a
+    missing field raises even then: it is a template that does not fit the dataset, not one
+    bad record."""
     rng = random.Random(seed)
     examples: list[dict[str, Any]] = []
     empty = 0
+    missing_fields: set[str] = set()
+    missing_renders = 0
     for index, record in enumerate(records):
         if max_examples is not None and len(examples) >= max_examples:
             break
         try:
-            example = render(template, record, rng=rng, index=index)
+            example, missing = _apply(template, record, rng, index)
         except TemplateRenderError:
             if on_error == "raise":
                 raise
             failures[f"{template.path}: {template.name!r} ({template.id})"] += 1
             continue
+        if missing:
+            if strict:
+                raise _missing_error(template, dataset, missing, index)
+            missing_fields |= missing
+            missing_renders += 1
         if example is None:
             empty += 1
         else:
             examples.append(example)
-    return examples, empty
+    return examples, empty, missing_fields, missing_renders
 
 
 def _train_rows(examples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -371,7 +519,8 @@ def render_dataset(
     on_error: OnError = "raise",
     seed: int = 0,
     keep: Callable[[Template], bool] | None = None,
-) -> dict[str, int]:
+    strict: bool = False,
+) -> RenderCounts:
     """Renders every template of a dataset over its raw records into the P3 layout.
 
     Writes ``out_dir/<task>[_score_eval]/<split>.<fmt>`` with ``<task> =
@@ -395,9 +544,13 @@ def render_dataset(
       seed: seed of the per-task RNG.
       keep: renders only the templates it returns True for (e.g. T0's evaluation prompts:
         ``original_task``); None keeps all.
+      strict: a template that uses a field a record lacks raises MissingFieldError (naming the
+        template, ``dataset_name`` and the fields), whatever ``on_error``; else such renders
+        keep promptsource's empty text, with one warning per template.
 
     Returns:
-      ``{task directory name: rows written}`` (score_eval rows count one per choice).
+      ``{task directory name: rows written}`` (score_eval rows count one per choice), a
+      ``RenderCounts`` whose ``missing`` reports the templates that used missing fields.
     """
     if fmt not in ("jsonl", "tfrecord"):
         raise ValueError(f"fmt must be 'jsonl' or 'tfrecord', got {fmt!r}")
@@ -405,23 +558,43 @@ def render_dataset(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     records = list(read_jsonl(raw_jsonl_path))
     failures: Counter[str] = Counter()
-    counts: dict[str, int] = {}
+    counts = RenderCounts()
     for template in load_templates(templates_yaml_path):
         if score_eval and template.answer_choices is None:
             continue
         if keep is not None and not keep(template):
             continue
-        examples, empty = _render_examples(
+        examples, empty, missing, missing_renders = _render_examples(
             template,
             records,
             seed=seed,
             max_examples=max_examples,
             on_error=on_error,
             failures=failures,
+            dataset=dataset_name,
+            strict=strict,
         )
         name = task_name(dataset_name, template.name, task_suffix)
         if score_eval:
             name += SCORE_EVAL_SUFFIX
+        if missing:
+            counts.missing[name] = {
+                "template": template.name,
+                "id": template.id,
+                "path": template.path,
+                "fields": sorted(missing),
+                "renders": missing_renders,
+            }
+            logger.warning(
+                "%s: template %r (id %s) of dataset %s uses field(s) %s that %d records lack: "
+                "rendered as empty text there (strict=True / --strict makes this an error)",
+                template.path,
+                template.name,
+                template.id,
+                dataset_name,
+                _fields(missing),
+                missing_renders,
+            )
         if empty:
             logger.info("%s: %d of %d records rendered empty (dropped)", name, empty, len(records))
         rows = list(_score_eval_rows(examples) if score_eval else _train_rows(examples))
@@ -556,6 +729,33 @@ def _decode_example(path: str, index: int, example: Any) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------
 # Package data
+
+
+def check_row(row: dict, where: str) -> None:
+    """Raises ``DataError`` (``where``: the file and row) unless the P3 fields read here have
+    their types: ``inputs_pretokenized``/``targets_pretokenized`` strings, ``is_correct`` a
+    boolean, ``weight`` a number, ``idx`` integers (example, choice); the last three optional.
+    Never coerced: ``bool("false")`` is True."""
+    for key in ("inputs_pretokenized", "targets_pretokenized"):
+        if not isinstance(row.get(key), str):
+            value = f"found {found(row[key])}" if key in row else "it is missing"
+            raise DataError(f'{where}: field "{key}" must be a string, {value}')
+    if "is_correct" in row and not isinstance(row["is_correct"], bool):
+        raise DataError(
+            f'{where}: field "is_correct" must be a boolean, found {found(row["is_correct"])}'
+        )
+    weight = row.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        raise DataError(f'{where}: field "weight" must be a number, found {found(weight)}')
+    idx = row.get("idx", [0, 0])
+    if (
+        not isinstance(idx, list)
+        or len(idx) < 2
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx)
+    ):
+        raise DataError(
+            f'{where}: field "idx" must be a list of integers (example, choice), found {found(idx)}'
+        )
 
 
 def _lists_dir() -> Traversable:

@@ -11,6 +11,11 @@ from ``tagi_jax/data/lists/`` (data files, not code).
 Registration lists the task directories (their names decide mixture membership); files are
 read only when a dataset is built, and mixture rates (examples per task, capped) are counted
 then too.
+
+Bad data is a ``DataError``, one line naming the file: a malformed JSONL line (and its number),
+a row whose fields have the wrong type (``row N``: the N-th record), an empty or missing split.
+``preflight`` checks what a training task reads (every member's split file exists, and its
+first row is formatted and tokenized as training does) before any model work.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import os
 import seqio
 import tensorflow as tf
 
-from tagi_jax.data import p3
+from tagi_jax.data import errors, p3
+from tagi_jax.data.errors import DataError
 
 SCORE_EVAL = p3.SCORE_EVAL_SUFFIX
 SPLITS = ("train", "validation", "test")
@@ -55,27 +61,45 @@ def _split_file(task_dir: str, split: str) -> str:
 
 
 def _rows(path: str):
-    return p3.read_jsonl(path) if path.endswith(".jsonl") else p3.read_tfrecord(path)
+    """The rows of a split file; a malformed line or record is a ``DataError`` naming the file
+    and line (``p3``'s readers say where; their ValueError becomes the one data error type)."""
+    rows = p3.read_jsonl(path) if path.endswith(".jsonl") else p3.read_tfrecord(path)
+    try:
+        yield from rows
+    except DataError:
+        raise
+    except ValueError as e:
+        raise DataError(e) from None
+
+
+def _example(row: dict, where: str, task_id: int, category_id: int) -> dict:
+    """A row as the task's features: the prompt is the input, the instruction and the
+    teacher's input alike (tagi_spec.md §3.3)."""
+    p3.check_row(row, where)
+    text = row["inputs_pretokenized"]
+    return {
+        "inputs": text,
+        "hyper_inputs": text,
+        "teacher_inputs": text,
+        "targets": row["targets_pretokenized"],
+        "task_id": task_id,
+        "category_id": category_id,
+        "is_correct": row.get("is_correct", True),
+        "weight": float(row.get("weight", 1.0)),
+        "idx": list(row.get("idx", [0, 0]))[:2],
+    }
 
 
 def _dataset_fn(task_dir: str, task_id: int, category_id: int, split, shuffle_files, seed=None):
     del shuffle_files, seed
     path = _split_file(task_dir, split)
 
+    # recorded: tf.data wraps what the generator raises in a TensorFlow error; the batch
+    # boundary (feature_converter) gives the original one-line message back
+    @errors.recorded
     def generate():
-        for row in _rows(path):
-            text = row["inputs_pretokenized"]
-            yield {
-                "inputs": text,
-                "hyper_inputs": text,
-                "teacher_inputs": text,
-                "targets": row["targets_pretokenized"],
-                "task_id": task_id,
-                "category_id": category_id,
-                "is_correct": bool(row.get("is_correct", True)),
-                "weight": float(row.get("weight", 1.0)),
-                "idx": list(row.get("idx", [0, 0]))[:2],
-            }
+        for n, row in enumerate(_rows(path), start=1):
+            yield _example(row, f"{path}: row {n}", task_id, category_id)
 
     return tf.data.Dataset.from_generator(generate, output_signature=_SIGNATURE)
 
@@ -117,6 +141,19 @@ def _task_names_and_categories(p3_dir: str):
     return names, datasets, category
 
 
+def _mixture_members(names: list[str]) -> tuple[list[str], list[str]]:
+    """The task directories of the T0 training mixture and of the held-out score-eval one."""
+    train_keys, eval_keys = _dataset_keys()
+    train, evaluation = [], []
+    for name in names:
+        if name.endswith(SCORE_EVAL):
+            if any(_belongs(name, p, s) for p, s in eval_keys.values()):
+                evaluation.append(name)
+        elif any(_belongs(name, d) for d in train_keys.values()):
+            train.append(name)
+    return train, evaluation
+
+
 def group_names(p3_dir: str, group_by: str) -> list[str]:
     """Names indexed by ``task_id`` (``task``) or ``category_id`` (``category``: the dataset,
     which is what P3 LoRA teachers are trained per)."""
@@ -138,10 +175,11 @@ def training_texts(p3_dir: str, group_by: str, split: str = "train") -> dict[str
         if name.endswith(SCORE_EVAL) or not any(_belongs(name, d) for d in train_keys.values()):
             continue
         key = name if group_by == "task" else datasets[category(name)]
-        rows = _rows(_split_file(os.path.join(p3_dir, name), split))
-        grouped.setdefault(key, []).extend(
-            (row["inputs_pretokenized"], row["targets_pretokenized"]) for row in rows
-        )
+        path = _split_file(os.path.join(p3_dir, name), split)
+        pairs = grouped.setdefault(key, [])
+        for n, row in enumerate(_rows(path), start=1):
+            p3.check_row(row, f"{path}: row {n}")
+            pairs.append((row["inputs_pretokenized"], row["targets_pretokenized"]))
     if not grouped:
         raise FileNotFoundError(
             f"{p3_dir} holds no task of a T0 training dataset (tagi_jax/data/lists/"
@@ -160,7 +198,7 @@ def register_p3(
     """One Task per task directory in ``p3_dir``, plus the T0 training and held-out
     score-eval mixtures (rates: examples per task, capped at ``max_examples_per_task``)."""
     names, _, category = _task_names_and_categories(p3_dir)
-    train_keys, eval_keys = _dataset_keys()
+    train_names, eval_names = _mixture_members(names)
 
     features = {
         name: seqio.Feature(vocabulary, add_eos=True, required=False)
@@ -182,10 +220,9 @@ def register_p3(
         )
         registered.append(full)
         rate = functools.partial(_capped_rate, task_dir, max_examples_per_task)
-        if name.endswith(SCORE_EVAL):
-            if any(_belongs(name, p, s) for p, s in eval_keys.values()):
-                eval_members.append((full, rate))
-        elif any(_belongs(name, d) for d in train_keys.values()):
+        if name in eval_names:
+            eval_members.append((full, rate))
+        elif name in train_names:
             train_members.append((full, rate))
 
     mixtures = []
@@ -219,3 +256,56 @@ class _LazyRate:
         if self._value is None:
             self._value = self._fn()
         return self._value
+
+
+def preflight(
+    p3_dir: str, task: str, vocabulary, *, prefix: str = "tagi", split: str = "train"
+) -> list[str]:
+    """Checks, before any model work, the P3 data that training on ``task`` (a name
+    ``register_p3`` gives) reads from ``split``: the directory and every member task's split
+    file exist, no member's split is empty, and each member's first row has its fields and is
+    formatted and tokenized (``vocabulary.encode``) as training does. Reads one row per task,
+    however large the files; a malformed line further on is reported, as a ``DataError`` naming
+    the file and line, when training reaches it. Returns the split files checked."""
+    if not os.path.isdir(p3_dir):
+        raise DataError(f"DataConfig.p3_dir: P3 directory does not exist: {p3_dir}")
+    try:
+        names, _, category = _task_names_and_categories(p3_dir)
+    except FileNotFoundError as e:
+        raise DataError(f"DataConfig.p3_dir: {e}") from None
+    train_names, eval_names = _mixture_members(names)
+    mixtures = {f"{prefix}_p3_t0_train": train_names, f"{prefix}_p3_t0_eval_score": eval_names}
+    if task in mixtures:
+        members = mixtures[task]
+        if not members:
+            raise DataError(
+                f"DataConfig.task={task!r}: {p3_dir} holds no task of its datasets "
+                "(tagi_jax/data/lists/): render them first (python -m "
+                "tagi_jax.evaluation.p3_pipeline)"
+            )
+    elif task.startswith(f"{prefix}_p3_") and task[len(f"{prefix}_p3_") :] in names:
+        members = [task[len(f"{prefix}_p3_") :]]
+    else:
+        raise DataError(
+            f"DataConfig.task={task!r} is no P3 task of {p3_dir}: use {prefix}_p3_t0_train, "
+            f"{prefix}_p3_t0_eval_score or {prefix}_p3_<one of its {len(names)} task "
+            f"directories, e.g. {names[0]}>"
+        )
+    checked = []
+    for name in members:
+        task_dir = os.path.join(p3_dir, name)
+        try:
+            path = _split_file(task_dir, split)
+        except FileNotFoundError as e:
+            raise DataError(f"P3 task {name!r} (training reads its {split} split): {e}") from None
+        first = next(iter(_rows(path)), None)
+        if first is None:
+            raise DataError(
+                f"{path} is empty: P3 task {name!r} has no {split} examples (render it again "
+                "or remove its directory)"
+            )
+        example = _example(first, f"{path}: row 1", names.index(name), category(name))
+        for key in ("inputs", "targets"):
+            vocabulary.encode(example[key])
+        checked.append(path)
+    return checked

@@ -24,7 +24,7 @@ import logging
 import seqio
 import tensorflow as tf
 
-from tagi_jax.data import c4, ni
+from tagi_jax.data import c4, errors, ni
 
 TEXT_FEATURES = ("inputs", "hyper_inputs", "teacher_inputs", "targets")
 
@@ -86,6 +86,9 @@ def _ni_dataset_fn(
         # registered from one NIConfig, and only the task a run reads may contradict it.
         config = config.with_pos_examples(num_pos_examples, f"task {task!r}")
 
+    # recorded: tf.data wraps what the generator raises (a bad task file) in a TensorFlow
+    # error; the batch boundary (feature_converter) gives the original one-line message back
+    @errors.recorded
     def generate():
         for example in ni.iter_examples(
             data_dir, split, config, seed=seed or 0, vocabulary=vocabulary

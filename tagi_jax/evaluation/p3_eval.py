@@ -151,7 +151,8 @@ def instances_from_rows(task: str, rows: Iterable[Mapping], *, where: str = "") 
         ]
         if missing:
             raise ValueError(f"{where}: row {n} lacks {missing}: not a score_eval row")
-        example, choice = (int(i) for i in list(row["idx"])[:2])
+        p3.check_row(row, f"{where}: row {n}")  # types, never coerced (bool("false") is True)
+        example, choice = row["idx"][:2]
         grouped.setdefault(example, {})[choice] = row
     out = []
     for example in sorted(grouped):

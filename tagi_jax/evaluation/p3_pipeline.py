@@ -19,7 +19,10 @@ adapters generated per prompt) and writes to ``output_dir``:
 renders the shared raw P3 records into that layout: the T0 training datasets present as
 ``<task>/train.jsonl`` (every template, what the training mixture and the LoRA-teacher stage
 read) and the held-out datasets as ``<task>_score_eval/validation.jsonl`` (T0's evaluation
-prompts: the ``original_task`` templates with answer choices).
+prompts: the ``original_task`` templates with answer choices). A template that uses a field its
+records lack renders empty text there (as promptsource does): each is a warning and the CLI
+reports how many renders did; ``--strict`` (``strict=True``) makes the first one an error naming
+the template, the dataset and the field.
 """
 
 from __future__ import annotations
@@ -30,10 +33,14 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import gin
 
 from tagi_jax import gin_check
+
+if TYPE_CHECKING:
+    from tagi_jax.data.p3 import RenderCounts
 
 EVAL_SPLIT = "validation"
 TRAIN_SPLIT = "train"
@@ -59,7 +66,8 @@ def render_layout(
     eval_datasets: Sequence[str] | None = None,
     max_examples: int | None = None,
     max_templates: int | None = None,
-) -> dict[str, int]:
+    strict: bool = False,
+) -> RenderCounts:
     """Renders the shared raw P3 records (``shared/data/p3``) into the P3 layout in ``out_dir``.
 
     Args:
@@ -72,9 +80,12 @@ def render_layout(
       max_examples: at most this many examples per task.
       max_templates: at most this many templates per dataset (the first in file order), for
         toy runs.
+      strict: a template that uses a field its records lack is an error (``MissingFieldError``)
+        instead of a warning.
 
     Returns:
-      ``{task directory: rows written}``.
+      ``{task directory: rows written}``, a ``p3.RenderCounts`` whose ``missing`` reports the
+      templates that used fields their records lack.
     """
     from tagi_jax.data import p3
 
@@ -108,35 +119,41 @@ def render_layout(
         ids = [t.id for t in p3.load_templates(path) if wanted(t)]
         return set(ids if max_templates is None else ids[:max_templates])
 
-    counts: dict[str, int] = {}
+    counts = p3.RenderCounts()
     for name in train_datasets:
         entry = train_raw[name]
         templates = os.path.join(shared_p3, entry["templates"])
         keep = first(templates, lambda t: True)
-        counts |= p3.render_dataset(
-            os.path.join(shared_p3, entry["file"]),
-            templates,
-            out_dir,
-            split=TRAIN_SPLIT,
-            dataset_name=name.replace("/", "_"),
-            max_examples=max_examples,
-            keep=lambda t, keep=keep: t.id in keep,
+        counts.merge(
+            p3.render_dataset(
+                os.path.join(shared_p3, entry["file"]),
+                templates,
+                out_dir,
+                split=TRAIN_SPLIT,
+                dataset_name=name.replace("/", "_"),
+                max_examples=max_examples,
+                keep=lambda t, keep=keep: t.id in keep,
+                strict=strict,
+            )
         )
     for name in eval_datasets:
         entry = raw_map[name]
         templates = os.path.join(shared_p3, entry["templates"])
         # T0's evaluation prompts: the templates of the dataset's original task
         keep = first(templates, lambda t: bool(t.original_task) and t.answer_choices is not None)
-        counts |= p3.render_dataset(
-            os.path.join(shared_p3, entry["raw"]),
-            templates,
-            out_dir,
-            split=entry["split"],
-            dataset_name=entry["p3_dataset"],
-            task_suffix=entry["p3_suffix"],
-            score_eval=True,
-            max_examples=max_examples,
-            keep=lambda t, keep=keep: t.id in keep,
+        counts.merge(
+            p3.render_dataset(
+                os.path.join(shared_p3, entry["raw"]),
+                templates,
+                out_dir,
+                split=entry["split"],
+                dataset_name=entry["p3_dataset"],
+                task_suffix=entry["p3_suffix"],
+                score_eval=True,
+                max_examples=max_examples,
+                keep=lambda t, keep=keep: t.id in keep,
+                strict=strict,
+            )
         )
     return counts
 
@@ -268,6 +285,7 @@ def evaluate_p3(
         raise ValueError(f"the {split!r} files of {len(task_dirs)} tasks in {p3_dir} are empty")
 
     vocab = vocab_lib.from_name(vocabulary)
+    # Refuses parameters holding NaN or Inf, before anything is written to output_dir.
     loaded = export_format.load(export_dir)
     model, params = loaded.config, loaded.params
     print(
@@ -352,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval_datasets", nargs="*", default=None, help="default: all present")
     parser.add_argument("--max_examples", type=int, default=None)
     parser.add_argument("--max_templates", type=int, default=None)
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="a template that uses a field its records lack is an error, not a warning",
+    )
     args = parser.parse_args(argv)
     try:
         counts = render_layout(
@@ -361,11 +384,21 @@ def main(argv: list[str] | None = None) -> int:
             eval_datasets=args.eval_datasets,
             max_examples=args.max_examples,
             max_templates=args.max_templates,
+            strict=args.strict,
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # MissingFieldError, TemplateRenderError: ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {len(counts)} tasks ({sum(counts.values())} rows) to {args.out}")
+    if counts.missing:
+        # Not silent: the per-template warnings may have scrolled by.
+        tasks = list(counts.missing)
+        shown = ", ".join(tasks[:5]) + (f" (+{len(tasks) - 5} more)" if len(tasks) > 5 else "")
+        print(
+            f"warning: {counts.missing_renders} renders in {len(tasks)} task(s) used fields "
+            f"their records lack, rendered as empty text ({shown}); --strict makes this an error",
+            file=sys.stderr,
+        )
     return 0
 
 

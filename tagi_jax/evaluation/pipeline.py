@@ -178,6 +178,7 @@ def evaluate(
     vocab = vocab_lib.from_name(vocabulary)
     examples = list(ni_lib.iter_examples(task_dir, split, ni, vocabulary=vocab))
 
+    # Refuses parameters holding NaN or Inf, before anything is written to output_dir.
     loaded = export_format.load(export_dir)
     model, params = loaded.config, loaded.params
     per_task = collections.Counter(e["task_name"] for e in examples)

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from tagi_jax.data import ni as ni_lib
+from tagi_jax.data.errors import DataError
 from tagi_jax.parallel import partitioning
 
 MODEL_FEATURES = (
@@ -96,14 +97,124 @@ def make_vocabulary(data: DataConfig):
 
 
 def check_paths(data: DataConfig) -> None:
-    """Fails before any model work when a configured data path does not exist."""
+    """Fails (``DataError``) when a configured data path does not exist; ``preflight`` does
+    this first, then checks the data in them."""
     for field in ("sni_dir", "suite_dir", "p3_dir", "c4_tfds_dir"):
         path = getattr(data, field)
         if path is not None and not os.path.isdir(path):
-            raise FileNotFoundError(f"DataConfig.{field}: data directory does not exist: {path}")
+            raise DataError(f"DataConfig.{field}: data directory does not exist: {path}")
     for path in data.c4_files or ():
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"DataConfig.c4_files: no such file: {path}")
+            raise DataError(f"DataConfig.c4_files: no such file: {path}")
+
+
+# The natural-instructions tasks ``register_data`` registers: task-name prefix -> DataConfig field.
+_NI_DIRS = {"tagi_sni_": "sni_dir", "tagi_suite_": "suite_dir"}
+C4_TASK = "tagi_c4_pretrain"
+
+
+def _ni_dir_field(task: str) -> str | None:
+    """The ``DataConfig`` field of a natural-instructions task's directory (None: not one)."""
+    if ni_lib.task_variant(task) is None:
+        return None
+    return next((field for prefix, field in _NI_DIRS.items() if task.startswith(prefix)), None)
+
+
+def preflight(data: DataConfig) -> None:
+    """Checks the training data before any model work; raises ``DataError``, one line naming
+    the file (or setting) and the problem.
+
+    The paths exist (``check_paths``) and the task's data is there and usable: for
+    natural-instructions tasks every task file of the train split is read and its schema
+    checked (``ni.load_task``), and the first example of each task is formatted
+    (``ni.first_examples``, the code training formats with) and tokenized; for P3 every member
+    task has a non-empty train split whose first row is formatted and tokenized
+    (``p3_tasks.preflight``); for C4 the first document of each file. Also an unknown task name,
+    or one whose data directory is not set, and a vocabulary that does not load.
+
+    Costs about what reading the task files costs (well under a second on the shared SNI subset
+    and the built-in suite, once TensorFlow is imported), no tf.data pipeline.
+    """
+    check_paths(data)
+    task = data.task
+    field = _ni_dir_field(task)
+    if field is None and task.startswith(tuple(_NI_DIRS)):
+        raise DataError(
+            f"DataConfig.task={task!r} is no natural-instructions task: use one of "
+            + ", ".join(f"{p}{v}" for p in _NI_DIRS for v in ni_lib.TASK_VARIANTS)
+        )
+    needs = field  # the DataConfig field the task reads its data from
+    if needs is None and "_p3_" in task:
+        needs = "p3_dir"
+    elif needs is None and task == C4_TASK:
+        needs = "c4_files" if data.c4_files else "c4_tfds_dir"
+    if needs is not None and not getattr(data, needs):
+        raise DataError(
+            f"DataConfig.task={task!r} reads DataConfig.{needs}, which is not set"
+            + (" (or c4_files)" if needs == "c4_tfds_dir" else "")
+        )
+    if needs is None:
+        _check_registered(task)
+        return  # a task registered elsewhere: its data is its own
+    vocabulary = _vocabulary(data)
+    if field is not None:
+        from tagi_jax.data import tasks
+
+        directory = getattr(data, field)
+        for example in ni_lib.first_examples(
+            directory, "train", data.ni_for_task(), vocabulary=vocabulary
+        ):
+            for key in tasks.TEXT_FEATURES:
+                _tokenize(vocabulary, example[key], f"{directory}: task {example['task_name']}")
+    elif needs == "p3_dir":
+        from tagi_jax.data import p3_tasks
+
+        p3_tasks.preflight(data.p3_dir, task, vocabulary)
+    elif needs == "c4_files":
+        from tagi_jax.data import c4
+
+        for path in data.c4_files:
+            try:
+                first = next(iter(c4.read_documents([path])), None)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise DataError(f"DataConfig.c4_files: {e}") from None
+            if first is None:
+                raise DataError(f"DataConfig.c4_files: {path} holds no document")
+            _tokenize(vocabulary, first, path)
+
+
+def _check_registered(task: str) -> None:
+    """A task name ``register_data`` does not give must be registered already (by the run's
+    own imports), or training would fail after the model is built."""
+    import seqio
+
+    if task not in seqio.TaskRegistry.names() and task not in seqio.MixtureRegistry.names():
+        raise DataError(
+            f"DataConfig.task={task!r} names no task: use tagi_sni_<variant> (sni_dir), "
+            f"tagi_suite_<variant> (suite_dir), variants {sorted(ni_lib.TASK_VARIANTS)}, "
+            f"tagi_p3_t0_train or tagi_p3_<task directory> (p3_dir), {C4_TASK} (c4_files)"
+        )
+
+
+def _vocabulary(data: DataConfig):
+    """``make_vocabulary``, with a vocabulary that does not load reported as bad data."""
+    try:
+        vocabulary = make_vocabulary(data)
+        vocabulary.encode("a")  # SentencePiece loads its model lazily: load it now
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a corrupt model fails in protobuf, sentencepiece...
+        raise DataError(
+            f"DataConfig.vocabulary={data.vocabulary!r} does not load: {type(e).__name__}: {e}"
+        ) from None
+    return vocabulary
+
+
+def _tokenize(vocabulary, text: str, where: str) -> None:
+    try:
+        vocabulary.encode(text)
+    except Exception as e:  # noqa: BLE001 - any tokenizer failure is this file's problem
+        raise DataError(f"{where}: cannot tokenize {text[:40]!r}: {e}") from None
 
 
 def register_data(data: DataConfig, vocabulary) -> None:
@@ -139,10 +250,24 @@ def train_batches(
         batch_size,
         seed=seed,
         with_teacher=with_teacher,
+        source=_source(data),
     )
     for _ in range(skip):
         next(batches)
     yield from batches
+
+
+def _source(data: DataConfig) -> str:
+    """Where ``data.task`` reads from, for error messages."""
+    field = _ni_dir_field(data.task)
+    if field is None:
+        field = "p3_dir" if "_p3_" in data.task else None
+    if field is None and data.task == C4_TASK:
+        field = "c4_files" if data.c4_files else "c4_tfds_dir"
+    value = getattr(data, field) if field else None
+    if isinstance(value, tuple):
+        value = ", ".join(value)
+    return f"DataConfig.{field}={value}" if value else ""
 
 
 def teacher_group_names(data: DataConfig, group_by: str) -> list[str]:

@@ -11,6 +11,7 @@ Stages are configurations of the same loop: ``finetune`` trains the TAGI student
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -54,6 +55,16 @@ def _config_json(model: TagiConfig, loss: losses.LossConfig) -> str:
     return json.dumps({"model": repr(model), "loss": repr(loss)}, sort_keys=True)
 
 
+def _check_counts(**counts) -> None:
+    """Step and size settings are positive integers (a gin string ``'8'`` or a float is a
+    config error here, not a TypeError deep inside the loop)."""
+    for name, value in counts.items():
+        if value is None and name == "stop_after":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+
+
 def _check_args(batch_size, grad_accum_steps, on_nonfinite, loss, paths) -> None:
     if on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"train.on_nonfinite={on_nonfinite!r} is not stop/skip")
@@ -93,6 +104,44 @@ def _write_run_files(model_dir, model, data, paths, seed, batch_size, train_step
             "train_steps": train_steps,
         },
     )
+
+
+def _run_fingerprints(data: DataConfig, batch_size: int, base_checkpoint, init_from) -> dict:
+    """What a resumed run must share with its checkpoints besides the model config: the base
+    behind ``base_checkpoint`` (files, not path), the data settings (not where the data lives)
+    and the batch size (the data position counts batches of it)."""
+    settings = export_format.data_settings(dataclasses.asdict(data))
+    if settings["vocabulary"] != "byte":  # the SentencePiece model's content, not its path
+        settings["vocabulary"] = export_format.file_sha256(
+            export_format.spiece_file(settings["vocabulary"])
+        )[:16]
+    record = {
+        "data": checkpointing.fingerprint(json.dumps(settings, sort_keys=True, default=str)),
+        "batch_size": int(batch_size),
+    }
+    if base_checkpoint is not None and init_from is None:
+        record["base"] = backbone.fingerprint(base_checkpoint)
+    return record
+
+
+def _optimizer_record(optimizer: optim.OptimizerConfig) -> dict:
+    record = dataclasses.asdict(optimizer)
+    record.pop("total_steps")  # follows train_steps, which a longer resumed run changes
+    return record
+
+
+def _batches_consumed(meta: dict, batch_size: int) -> int:
+    """The data position of a checkpoint in batches of this run (checkpoints count examples;
+    older ones counted batches)."""
+    if "examples" not in meta:
+        return int(meta["data_position"])
+    examples = int(meta["examples"])
+    if examples % batch_size:
+        raise ValueError(
+            f"the checkpoint consumed {examples} examples, not a whole number of batches of "
+            f"{batch_size}: resume with the batch size it was written with"
+        )
+    return examples // batch_size
 
 
 CALIBRATION_FILE = "alignment_calibration.json"  # <model_dir>/: the calibrated alignment weight
@@ -298,11 +347,57 @@ def train(
         model, instruction_encoder_checkpoint, teacher_checkpoint, init_from
     )
     paths["instruction_encoder_checkpoint"] = encoder_source
+    _check_counts(
+        batch_size=batch_size,
+        train_steps=train_steps,
+        grad_accum_steps=grad_accum_steps,
+        save_every=save_every,
+        keep=keep,
+        log_every=log_every,
+        stop_after=stop_after,
+    )
     _check_args(batch_size, grad_accum_steps, on_nonfinite, loss, paths)
-    inputs.check_paths(data)  # a missing data directory fails before any model work
+    # The data is checked (files, splits, schema, one formatted example per task) before any
+    # model work: a bad file is one line in seconds, not a TensorFlow traceback after the build.
+    inputs.preflight(data)
     distributed_lib.initialize(distributed)
     main = distributed_lib.is_main_process()
     os.makedirs(model_dir, exist_ok=True)
+    # One trainer per directory (the main process holds the lock for all of them).
+    with checkpointing.RunLock(model_dir) if main else contextlib.nullcontext():
+        return _train(**locals())
+
+
+def _train(
+    *,
+    model_dir,
+    model,
+    data,
+    loss,
+    optimizer,
+    batch_size,
+    train_steps,
+    grad_accum_steps,
+    mesh_shape,
+    mesh_axes,
+    peak_flops_per_device,
+    save_every,
+    keep,
+    log_every,
+    seed,
+    base_checkpoint,
+    teacher_checkpoint,
+    teacher_lora_bank,
+    init_from,
+    on_nonfinite,
+    log_term_gradients,
+    stop_after,
+    paths,
+    encoder_source,
+    main,
+    **unused,
+) -> dict[str, Any]:
+    """``train`` after its checks, with the run directory locked."""
     # --- mesh --------------------------------------------------------------------------
     mesh = mesh_lib.make_mesh(mesh_shape, mesh_axes)
     data_parallel = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
@@ -345,19 +440,42 @@ def train(
     backbone_trains = any(k.startswith("t5/") for k in train_params)  # for the FLOPs count
     del train_params  # the state holds them now
     # --- restore or start --------------------------------------------------------------
-    ckpt = checkpointing.Checkpointer(model_dir, config_json=_config_json(model, loss), keep=keep)
-    position = 0
+    ckpt = checkpointing.Checkpointer(
+        model_dir,
+        config_json=_config_json(model, loss),
+        keep=keep,
+        run_fingerprints=_run_fingerprints(data, batch_size, base_checkpoint, init_from),
+        optimizer=_optimizer_record(optimizer),
+    )
+    position = 0  # batches consumed
     if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(state)
-        position = meta["data_position"]
+        try:
+            state, meta = ckpt.restore(state)
+        except BaseException:
+            ckpt.close()
+            raise
+        position = _batches_consumed(meta, batch_size)
         if main:
-            print(f"resumed from {ckpt.directory}/{ckpt.latest_step()} (step {int(state.step)})")
+            print(f"resumed from {ckpt.directory}/{int(state.step)} (step {int(state.step)})")
     start = int(state.step)
+    if start > train_steps:
+        ckpt.close()
+        raise ValueError(
+            f"{model_dir} is already at step {start}, past train.train_steps={train_steps}: "
+            f"set TRAIN_STEPS above {start} to train further, or use a fresh MODEL_DIR"
+        )
     # Only now, after a checkpoint of another config has been refused: never rewrite the run
     # files of a model directory that belongs to another model.
     if main:
         _write_run_files(model_dir, model, data, paths, seed, batch_size, train_steps)
-    if main:
+    if main and start == train_steps:
+        print(
+            f"{model_dir} already finished its {train_steps} steps (nothing to train): set "
+            f"TRAIN_STEPS above {train_steps} to train further; the export is "
+            f"{'rewritten' if not os.path.isdir(os.path.join(model_dir, EXPORT_DIR)) else 'kept'}",
+            flush=True,
+        )
+    elif main:
         print(
             f"training {n_train:,} of {n_total:,} parameters on {jax.device_count()} device(s) "
             f"in {jax.process_count()} process(es), mesh {dict(mesh.shape)}, "
@@ -382,7 +500,13 @@ def train(
 
     # --- the step: one jitted pure function, explicit shardings, donated state -------------
     def jit_step(objective):
-        step_config = state_lib.StepConfig(model, objective, grad_accum_steps=grad_accum_steps)
+        step_config = state_lib.StepConfig(
+            model,
+            objective,
+            grad_accum_steps=grad_accum_steps,
+            # "skip" goes on from the state before a bad update; "stop" discards the state.
+            rollback_nonfinite_updates=on_nonfinite == "skip",
+        )
         return jax.jit(
             functools.partial(state_lib.train_step, step_config, tx, structure),
             in_shardings=(state_shardings, frozen_shardings, None),  # batch: rows on data
@@ -456,10 +580,16 @@ def train(
                 values = {k: float(v) for k, v in metrics.items()}
                 values.update({k: float(v) for k, v in shares.items()})
                 if values["update_skipped"]:
+                    what = (
+                        f"non-finite loss at step {step + 1} (loss {values['loss']})"
+                        if not values["nonfinite_update"]
+                        else f"the update of step {step + 1} made the parameters or optimizer "
+                        f"state non-finite (loss {values['loss']:.4g}, gradient norm "
+                        f"{values['grad_norm']:.4g}): lower the learning rate or clip gradients"
+                    )
                     if on_nonfinite == "stop":
                         raise FloatingPointError(
-                            f"non-finite loss at step {step + 1} (loss {values['loss']}); "
-                            f"stopped, the last good checkpoint in {ckpt.directory} is kept"
+                            f"{what}; stopped, the last good checkpoint in {ckpt.directory} is kept"
                         )
                     skipped += 1
                     if skipped > MAX_CONSECUTIVE_SKIPS:
@@ -468,9 +598,7 @@ def train(
                             f"{step + 1}: the model itself is broken, not one batch; the last "
                             f"good checkpoint in {ckpt.directory} is kept"
                         )
-                    progress.message(
-                        f"skipped batch {position}: non-finite loss at step {step + 1}"
-                    )
+                    progress.message(f"skipped batch {position}: {what}")
                     continue
                 skipped = 0
                 step += 1
@@ -483,7 +611,7 @@ def train(
                     values["learning_rate"] = float(learning_rate(step))
                     last = progress.log(step, values)
                 if step % save_every == 0 or guard.requested or step == train_steps:
-                    ckpt.save(step, state, data_position=position)
+                    ckpt.save(step, state, examples=position * batch_size)
                 if guard.requested:
                     progress.message(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting")
                     break
@@ -497,7 +625,8 @@ def train(
         if progress is not None:
             progress.close()
         ckpt.close()
-    if step == train_steps:
+    already_exported = start == train_steps and os.path.isdir(os.path.join(model_dir, EXPORT_DIR))
+    if step == train_steps and not already_exported:
         full = state_lib.merge(state.trainable, frozen, structure)
         export_params(model_dir, model, full, data, step)
         if main:

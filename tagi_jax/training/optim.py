@@ -62,8 +62,25 @@ class OptimizerConfig:
             raise ValueError(
                 f"OptimizerConfig.schedule={self.schedule!r} is not one of {SCHEDULES}"
             )
+        numbers = ("learning_rate", "end_fraction", "weight_decay", "b1", "b2", "eps", "clip_norm")
+        for name in numbers:
+            value = getattr(self, name)
+            # a gin string ('1e-4') or an inf/NaN is a config error here, not a TypeError or a
+            # NaN model later
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"OptimizerConfig.{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"OptimizerConfig.{name} must be finite, got {value}")
+        for name in ("warmup_steps", "total_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"OptimizerConfig.{name} must be an integer, got {value!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"OptimizerConfig.learning_rate must be > 0, got {self.learning_rate}")
+        if self.clip_norm < 0:
+            raise ValueError(
+                f"OptimizerConfig.clip_norm must be >= 0 (0 disables), got {self.clip_norm}"
+            )
         if self.warmup_steps < 0 or self.total_steps < 1:
             raise ValueError("OptimizerConfig needs warmup_steps >= 0 and total_steps >= 1")
         if self.warmup_fraction is not None:

@@ -66,6 +66,11 @@ class StepConfig:
     model: TagiConfig
     loss: losses.LossConfig
     grad_accum_steps: int = 1
+    # An update that makes the parameters or optimizer state non-finite is always reported
+    # (``nonfinite_update``); with this it is also undone, at the price of keeping the old
+    # state alive beside the new during the update (a per-leaf select). The trainer sets it
+    # for on_nonfinite="skip" only: "stop" discards the state anyway.
+    rollback_nonfinite_updates: bool = False
 
     def __post_init__(self):
         if self.grad_accum_steps < 1:
@@ -208,25 +213,50 @@ def train_step(config: StepConfig, optimizer, structure, state: TrainState, froz
 
     def update(operands):
         trainable, opt_state, grads = operands
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state
+        updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        # A finite loss and gradient can still overflow the parameters or the moments (a huge
+        # learning rate, no clipping): the guard covers what the update wrote.
+        ok = all_finite((new_trainable, new_opt_state))
+        if config.rollback_nonfinite_updates:
+            new_trainable, new_opt_state = jax.tree.map(
+                lambda new, old: jnp.where(ok, new, old),
+                (new_trainable, new_opt_state),
+                (trainable, opt_state),
+            )
+        return new_trainable, new_opt_state, ok
 
     def keep(operands):
-        return operands[0], operands[1]
+        return operands[0], operands[1], jnp.array(True)
 
     # A conditional, not where(finite, new, old) per leaf: the select kept the old parameters
     # and moments alive next to the new ones, so XLA copied every moment before updating it
     # in place (38 ms of the 770 ms CPU TAGI step).
-    new_trainable, new_opt_state = jax.lax.cond(
+    new_trainable, new_opt_state, update_finite = jax.lax.cond(
         finite, update, keep, (state.trainable, state.opt_state, grads)
     )
+    applied = finite & update_finite
     new_state = TrainState(
-        step=state.step + jnp.where(finite, 1, 0).astype(jnp.int32),
+        step=state.step + jnp.where(applied, 1, 0).astype(jnp.int32),
         trainable=new_trainable,
         opt_state=new_opt_state,
         rng=jax.random.key_data(rng),
     )
     metrics = dict(
-        metrics, loss=loss, grad_norm=grad_norm, update_skipped=(~finite).astype(jnp.int32)
+        metrics,
+        loss=loss,
+        grad_norm=grad_norm,
+        update_skipped=(~applied).astype(jnp.int32),
+        nonfinite_update=(~update_finite).astype(jnp.int32),
     )
     return new_state, metrics
+
+
+def all_finite(tree) -> jax.Array:
+    """True when every floating leaf of ``tree`` is finite (integer counts are skipped)."""
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)

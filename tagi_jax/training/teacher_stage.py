@@ -110,7 +110,9 @@ def train_lora_teachers(
         raise FileNotFoundError(
             f"train_lora_teachers.base_checkpoint does not exist: {base_checkpoint}"
         )
-    inputs.check_paths(data)
+    # The data is checked (files, splits, schema, one formatted example per task) before the
+    # base model loads: a bad file is one line in seconds.
+    inputs.preflight(data)
     os.makedirs(model_dir, exist_ok=True)
     path = os.path.join(model_dir, BANK_FILE)
     if os.path.exists(path):
