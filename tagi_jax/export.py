@@ -14,7 +14,9 @@ export holds):
   ``--instruction``: merged with that task's adapters) as a Hugging Face T5 directory with its
   tokenizer files (``tagi_jax.convert.hf_export``).
 
-Every output is written aside and renamed, so it is complete or absent. ``--overwrite`` only
+Every output is written aside and renamed, so it is complete or absent. Every path may be local
+or in cloud storage (``gs://...``, ``tagi_jax.paths``): there the rename is a copy whose marker
+file (``tagi_config.json``, ``config.json``, ``adapter_config.json``) comes last. ``--overwrite`` only
 ever replaces a previous output of the same kind (``export_format.check_replaceable``): an
 ``--out`` that is, contains or lies inside a training run, or the export / base it is made from,
 or that is anything but that kind of output (a file, a directory without its marker file or with
@@ -28,13 +30,13 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import sys
 from typing import Any
 
 import jax
 import numpy as np
 
+from tagi_jax import paths
 from tagi_jax.artifacts import backbone, export_format
 from tagi_jax.artifacts.export_format import ExportError, listing
 from tagi_jax.models import tagi, trainable
@@ -46,8 +48,8 @@ Flat = dict[str, Any]
 
 def _mib(path: str) -> float:
     total = 0
-    for root, _, files in os.walk(path):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    for root, _, files in paths.walk(path):
+        total += sum(paths.getsize(paths.join(root, f)) for f in files)
     return total / 2**20
 
 
@@ -78,18 +80,17 @@ def _single_device_target(tree):
 
 def read_run(model_dir: str) -> dict:
     """``run.json`` of a training run, with ``model`` turned into a ``TagiConfig``."""
-    model_dir = os.path.abspath(model_dir)
-    if not os.path.isdir(model_dir):
+    model_dir = paths.absolute(model_dir)
+    if not paths.isdir(model_dir):
         raise FileNotFoundError(f"model_dir does not exist: {model_dir}")
-    path = os.path.join(model_dir, RUN_FILE)
-    if not os.path.isfile(path):
+    path = paths.join(model_dir, RUN_FILE)
+    if not paths.isfile(path):
         raise FileNotFoundError(
             f"no {RUN_FILE} in {model_dir}: not a tagi_jax.train run directory (or one written "
             "before run records existed)"
         )
     try:
-        with open(path) as f:
-            run = json.load(f)
+        run = paths.read_json(path)
         run["model"] = TagiConfig.from_dict(run["model"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ExportError(f"cannot read {path}: {e}") from e
@@ -99,8 +100,8 @@ def read_run(model_dir: str) -> dict:
 def _checkpoint_manager(model_dir: str):
     import orbax.checkpoint as ocp
 
-    directory = os.path.join(model_dir, CHECKPOINTS_DIR)
-    if not os.path.isdir(directory):
+    directory = paths.join(model_dir, CHECKPOINTS_DIR)
+    if not paths.isdir(directory):
         raise FileNotFoundError(f"no checkpoint in {model_dir} ({directory} does not exist)")
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     with _quiet_absl():
@@ -231,7 +232,7 @@ def export_run(
     ``out`` is checked first (``export_format.check_replaceable``: not in, over or above a run,
     nor the run's base; an existing export is replaced only with ``overwrite``); a checkpoint
     holding NaN or Inf is refused (``export_format.NonFiniteParamsError``)."""
-    model_dir = os.path.abspath(model_dir)
+    model_dir = paths.absolute(model_dir)
     run = read_run(model_dir)
     model: TagiConfig = run["model"]
     seed = int(run.get("seed", 0))
@@ -251,7 +252,7 @@ def export_run(
     step, trained = restore_trainable(model_dir, model, step)
     print(
         f"restored step {step}: {len(trained)} trainable tensors ({_nbytes(trained):.2f} MiB) "
-        f"from {os.path.join(model_dir, CHECKPOINTS_DIR, str(step))}"
+        f"from {paths.join(model_dir, CHECKPOINTS_DIR, str(step))}"
     )
     initial, provided = _initial_params(
         model,
@@ -300,7 +301,7 @@ def export_run(
         f"by reference to {reference.path}"
         if reference
         else f"included in {export_format.BASE_DIR}/ "
-        f"({_mib(os.path.join(out, export_format.BASE_DIR)):.2f} MiB)"
+        f"({_mib(paths.join(out, export_format.BASE_DIR)):.2f} MiB)"
     )
     print(f"wrote {out} ({_mib(out):.2f} MiB), backbone {where}")
     return out
@@ -381,7 +382,7 @@ def _export_source(args) -> str:
     if args.export:
         return args.export
     if args.model_dir:
-        return os.path.join(args.model_dir, backbone.RUN_EXPORT_DIR)
+        return paths.join(args.model_dir, backbone.RUN_EXPORT_DIR)
     raise ValueError("--peft and --hf need --export E (or --model_dir of a finished run)")
 
 

@@ -12,16 +12,19 @@ lines, each one of:
 ``prediction`` and, when ``--keep_fields``, the row's own fields. Rows of the same instruction
 share one encoding of it and one set of adapters, in any order. Bad input (a missing file, a
 malformed line, a row without its fields) is one ``error:`` line naming the line, exit code 2;
-the output is written aside and renamed, so it is complete or absent.
+the output is written aside and renamed (in cloud storage: one object upload), so it is complete
+or absent. ``--export``, ``--input`` and ``--output`` may be local or ``gs://...`` paths.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
 import sys
 import time
+
+from tagi_jax import paths
 
 
 class RowError(ValueError):
@@ -31,10 +34,10 @@ class RowError(ValueError):
 def read_rows(path: str) -> list[dict]:
     """The rows of ``path``, checked: each a JSON object with ``input`` and exactly one of
     ``instruction`` / ``definition``."""
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise FileNotFoundError(f"input file does not exist: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with paths.open(path, "r") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -95,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        output = os.path.abspath(args.output)
-        if os.path.exists(output) and not args.overwrite:
+        output = paths.absolute(args.output)
+        if paths.exists(output) and not args.overwrite:
             raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
         rows = read_rows(args.input)
         from tagi_jax.predictor import Predictor
@@ -110,14 +113,13 @@ def main(argv: list[str] | None = None) -> int:
             alpha=args.alpha,
             max_decode_len=args.max_decode_len,
         )
-        os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-        tmp = output + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row, prediction in zip(rows, predictions, strict=True):
-                line = {**row} if args.keep_fields else {"id": row["id"]}
-                line["prediction"] = prediction
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-        os.replace(tmp, output)
+        paths.makedirs(paths.dirname(output))
+        text = io.StringIO()
+        for row, prediction in zip(rows, predictions, strict=True):
+            line = {**row} if args.keep_fields else {"id": row["id"]}
+            line["prediction"] = prediction
+            text.write(json.dumps(line, ensure_ascii=False) + "\n")
+        paths.write_text(output, text.getvalue())  # atomic: complete or absent
     except (OSError, ValueError) as e:  # RowError, ExportError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -120,6 +120,50 @@ def test_two_processes_give_the_one_process_losses(tmp_path, suite, one_device_l
     np.testing.assert_allclose(_losses(model_dir), one_device_losses, rtol=0, atol=1e-5)
 
 
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tmp_path, suite):
+    """A preemption notice reaches one host: JAX's preemption service agrees on one step, both
+    processes save it together (a host deciding alone would hang in the collective save) and
+    exit cleanly."""
+    model_dir = str(tmp_path / "run")
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        flags = _flags(
+            model_dir,
+            suite,
+            "--gin.TRAIN_STEPS=100000",
+            "--gin.train.save_every=100000",
+            "--gin.train.mesh_shape=(2, 1)",
+            "--gin.train.distributed=@DistributedConfig()",
+            "--gin.DistributedConfig.enabled=True",
+            f"--gin.DistributedConfig.coordinator_address='localhost:{port}'",
+            "--gin.DistributedConfig.num_processes=2",
+            f"--gin.DistributedConfig.process_id={pid}",
+        )
+        cmd = [sys.executable, "-m", "tagi_jax.train", *flags]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=ONE_DEVICE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+        )
+    metrics = os.path.join(model_dir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+        assert all(p.poll() is None for p in procs), procs[0].stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "no step finished in 300 s"
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)  # the notice reaches process 1 only
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err.decode()[-3000:]
+    out = outputs[0][0].decode()
+    assert "SIGTERM: saved step" in out, out[-2000:]
+    saved = int(out.split("SIGTERM: saved step ")[1].split()[0])
+    ckpt = checkpointing.Checkpointer(model_dir, config_json="unused")
+    assert ckpt.manager.all_steps() == [saved]
+    ckpt.close()
+
+
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, suite):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     _in_process(_flags(straight, suite, "--gin.TRAIN_STEPS=6", "--gin.train.save_every=3"))

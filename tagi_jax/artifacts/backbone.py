@@ -8,14 +8,17 @@ A backbone source is any of:
 * an export (``export_format``) that includes its backbone (its ``t5/``);
 * a Hugging Face T5 directory (``config.json`` + safetensors or ``pytorch_model.bin``).
 
+The first three may lie in cloud storage (``gs://...``: ``tagi_jax.paths``); a Hugging Face
+directory must be local (it is read memory-mapped).
+
 This module imports neither the trainer nor TensorFlow: a predictor reads backbones with it.
 """
 
 from __future__ import annotations
 
-import os
-
 import jax
+
+from tagi_jax import paths
 
 RUN_EXPORT_DIR = "export"  # <model_dir>/export: the export a finished run writes
 BACKBONE_DIR = "t5"  # <export>/t5: an included backbone, as a parameter checkpoint
@@ -28,10 +31,10 @@ def resolve(path: str) -> str:
 
     for candidate in (
         path,
-        os.path.join(path, RUN_EXPORT_DIR, BACKBONE_DIR),
-        os.path.join(path, BACKBONE_DIR),
+        paths.join(path, RUN_EXPORT_DIR, BACKBONE_DIR),
+        paths.join(path, BACKBONE_DIR),
     ):
-        if os.path.exists(os.path.join(candidate, param_checkpoint.CONFIG_FILE)):
+        if paths.exists(paths.join(candidate, param_checkpoint.CONFIG_FILE)):
             return candidate
     return path
 
@@ -43,11 +46,18 @@ def load_t5(path: str, mesh=None, shardings=None):
     from tagi_jax.convert import hf_t5, param_checkpoint
     from tagi_jax.convert.tensor_store import CheckpointError
 
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
         raise CheckpointError(f"backbone directory does not exist: {path}")
     resolved = resolve(path)
-    if os.path.exists(os.path.join(resolved, param_checkpoint.CONFIG_FILE)):
+    if paths.exists(paths.join(resolved, param_checkpoint.CONFIG_FILE)):
         return param_checkpoint.load(resolved, mesh=mesh, shardings=shardings)
+    try:
+        paths.require_local(path, "a Hugging Face T5 directory")
+    except ValueError as e:
+        raise CheckpointError(
+            f"{path} holds no {param_checkpoint.CONFIG_FILE} (not a parameter checkpoint, run or "
+            f"export): {e}"
+        ) from None
     config, params = hf_t5.load(path, mesh=mesh)
     if shardings is not None:
         params = jax.tree.map(jax.device_put, params, shardings)
@@ -69,12 +79,12 @@ def fingerprint(path: str) -> str:
 
     digest = hashlib.sha256()
     root = resolve(path)
-    for directory, _, files in sorted(os.walk(root)):
+    for directory, _, files in sorted(paths.walk(root)):
         for name in sorted(files):
-            file = os.path.join(directory, name)
-            size = os.path.getsize(file)
-            digest.update(f"{os.path.relpath(file, root)}|{size}|".encode())
-            with open(file, "rb") as f:
+            file = paths.join(directory, name)
+            size = paths.getsize(file)
+            digest.update(f"{paths.relpath(file, root)}|{size}|".encode())
+            with paths.open(file, "rb") as f:
                 digest.update(f.read(_FINGERPRINT_BYTES))
                 if size > _FINGERPRINT_BYTES:
                     f.seek(max(size - _FINGERPRINT_BYTES, _FINGERPRINT_BYTES))

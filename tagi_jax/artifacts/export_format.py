@@ -25,12 +25,16 @@ E/export.json        format version, step, source, time, counts
 The base is included by default; a reference (``base_reference``) keeps only its path and
 fingerprint, and ``load`` refuses a base whose tensors changed since.
 
+``E`` (and a referenced base) may be local or in cloud storage (``gs://...``): every path goes
+through ``tagi_jax.paths``, and orbax writes the parameters wherever the path says.
+
 Safety rules, here so that every writer and reader shares them:
 
 * ``check_replaceable`` decides where an output (this export, a PEFT or a Hugging Face
   directory) may be written: never in, over or above a training run, never over what is not
   that kind of output, and over a previous output only with ``overwrite``. ``save`` writes
-  aside and swaps, so nothing is removed before the new output is complete.
+  aside and swaps, so nothing is removed before the new output is complete (in cloud storage
+  the swap copies, ``tagi_config.json`` last: see ``paths.swap_dir``).
 * ``save`` and ``load`` refuse parameters holding NaN or Inf (``NonFiniteParamsError``).
 
 This module imports neither the trainer nor TensorFlow.
@@ -41,9 +45,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -52,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tagi_jax import paths
 from tagi_jax.artifacts import backbone
 from tagi_jax.models import tagi, trainable
 from tagi_jax.models.tagi_config import TagiConfig
@@ -162,7 +164,7 @@ def fingerprint(flat: Flat) -> str:
 
 def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with paths.open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -182,17 +184,15 @@ def unflatten(flat: Flat, structure) -> Any:
 
 
 def _write_json(path: str, value: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
+    paths.write_json(path, value)
 
 
 def _read_json(path: str, what: str) -> dict:
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise ExportError(f"missing {path}: the export has no {what}")
     try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        value = paths.read_json(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ExportError(f"cannot read {path}: {e}") from e
     if not isinstance(value, dict):
         raise ExportError(f"{path} is not a JSON object")
@@ -216,7 +216,7 @@ def _restore_target(tree, shardings=None):
 def spiece_file(vocabulary: str) -> str:
     """The SentencePiece model file a vocabulary setting names (a directory holding
     ``spiece.model``, or the file)."""
-    return os.path.join(vocabulary, SPIECE_FILE) if os.path.isdir(vocabulary) else vocabulary
+    return paths.join(vocabulary, SPIECE_FILE) if paths.isdir(vocabulary) else vocabulary
 
 
 def data_settings(data: Mapping[str, Any]) -> dict:
@@ -273,12 +273,12 @@ def run_marker(path: str) -> str | None:
     ``run.json``, or (a run from before run records) a ``checkpoints/`` that is the trainer's:
     empty or holding step directories (``4``, ``4.orbax-checkpoint-tmp-*``). A
     ``~/checkpoints`` of downloaded models does not make the home directory a run."""
-    if os.path.isfile(os.path.join(path, RUN_FILE)):
+    if paths.isfile(paths.join(path, RUN_FILE)):
         return RUN_FILE
-    checkpoints = os.path.join(path, CHECKPOINTS_DIR)
-    if os.path.isdir(checkpoints):
+    checkpoints = paths.join(path, CHECKPOINTS_DIR)
+    if paths.isdir(checkpoints):
         try:
-            names = os.listdir(checkpoints)
+            names = paths.listdir(checkpoints)
         except OSError:
             names = []  # unreadable: count it, refusing is the safe side
         if not names or any(name.split(".")[0].isdigit() for name in names):
@@ -313,9 +313,9 @@ def _markers(kind: str) -> tuple[str, ...]:
 def _foreign(path: str, kind: str) -> list[str]:
     """The entries of the ``kind`` output ``path`` that its writer does not write."""
     if kind == "export":
-        return sorted(set(os.listdir(path)) - EXPORT_ENTRIES)
+        return sorted(set(paths.listdir(path)) - EXPORT_ENTRIES)
     if kind == "hf":
-        return sorted(set(os.listdir(path)) - HF_ENTRIES)
+        return sorted(set(paths.listdir(path)) - HF_ENTRIES)
     from tagi_jax.convert import peft_export
 
     allowed = HF_ENTRIES - {"config.json", "model.safetensors"} | {
@@ -325,23 +325,23 @@ def _foreign(path: str, kind: str) -> list[str]:
         peft_export.INSTRUCTION_STATES,
         peft_export.BASE_SUBDIR,
     }
-    foreign = sorted(set(os.listdir(path)) - allowed)
-    base = os.path.join(path, peft_export.BASE_SUBDIR)
-    if os.path.isdir(base) and not os.path.islink(base):  # the HF export of the backbone
+    foreign = sorted(set(paths.listdir(path)) - allowed)
+    base = paths.join(path, peft_export.BASE_SUBDIR)
+    if paths.isdir(base) and not paths.islink(base):  # the HF export of the backbone
         foreign += [f"{peft_export.BASE_SUBDIR}/{name}" for name in _foreign(base, "hf")]
     return foreign
 
 
 def _run_within(path: str) -> str | None:
     """A training run directory at or below ``path`` (symbolic links not followed), or None."""
-    for root, dirs, files in os.walk(path):
+    for root, dirs, files in paths.walk(path):
         if (RUN_FILE in files or CHECKPOINTS_DIR in dirs) and is_run_dir(root):
             return root
     return None
 
 
 def _inside(path: str, parent: str) -> bool:
-    return os.path.commonpath([path, parent]) == parent
+    return paths.is_within(path, parent)
 
 
 def check_replaceable(
@@ -371,19 +371,19 @@ def check_replaceable(
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    out = os.path.abspath(out)
-    real = os.path.realpath(out)
+    out = paths.absolute(out)
+    real = paths.realpath(out)
 
     def refuse(why: str):
         raise OutputRefused(f"refusing to write {out}: {why}")
 
     # A run first: its checkpoints, metrics and run.json are what a typo must never cost.
-    parent = os.path.dirname(real)
+    parent = paths.dirname(real)
     while True:
         marker = run_marker(parent)
         if marker is not None:
-            slot = parent == os.path.dirname(real) and (
-                os.path.basename(real) == backbone.RUN_EXPORT_DIR
+            slot = parent == paths.dirname(real) and (
+                paths.basename(real) == backbone.RUN_EXPORT_DIR
             )
             if slot and allow_run_export and kind == "export":
                 # The run's own export, written when it finishes: what lies above the run is
@@ -398,38 +398,38 @@ def check_replaceable(
                 f"it lies inside the training run {parent} (it has {marker}); choose a path "
                 "outside run directories"
             )
-        if os.path.dirname(parent) == parent:
+        if paths.dirname(parent) == parent:
             break
-        parent = os.path.dirname(parent)
-    exists = os.path.isdir(real) and not os.path.islink(out)
+        parent = paths.dirname(parent)
+    exists = paths.isdir(real) and not paths.islink(out)
     if exists and is_run_dir(real):
         refuse(
             f"it is a training run directory (it has {run_marker(real)}); --overwrite only "
             f"ever replaces a previous {_what(kind)}"
         )
     if exists:
-        for name in sorted(os.listdir(real)):
-            child = os.path.join(real, name)
-            if os.path.isdir(child) and not os.path.islink(child) and is_run_dir(child):
+        for name in sorted(paths.listdir(real)):
+            child = paths.join(real, name)
+            if paths.isdir(child) and not paths.islink(child) and is_run_dir(child):
                 refuse(f"it contains the training run {child} (it has {run_marker(child)})")
     for source in sources:
-        source = os.path.realpath(source)
+        source = paths.realpath(source)
         if real == source:
             refuse(f"it is {source}, which this output is made from")
         if _inside(real, source):
             refuse(f"it lies inside {source}, which this output is made from")
         if _inside(source, real):
             refuse(f"it contains {source}, which this output is made from")
-    if not os.path.lexists(out):
+    if not paths.lexists(out):
         return out
-    if os.path.islink(out):
+    if paths.islink(out):
         refuse("it is a symbolic link: name the directory itself")
-    if not os.path.isdir(out):
+    if not paths.isdir(out):
         refuse(f"it is a file, not a {_what(kind)}; --overwrite only replaces a previous one")
-    if not os.listdir(out):
+    if not paths.listdir(out):
         return out  # nothing to lose
     markers = _markers(kind)
-    if not any(os.path.isfile(os.path.join(out, m)) for m in markers):
+    if not any(paths.isfile(paths.join(out, m)) for m in markers):
         refuse(
             f"it is not empty and not a {_what(kind)} (no {' or '.join(markers)}); "
             "--overwrite only replaces a previous one"
@@ -452,7 +452,7 @@ def _remove_stale(tmp: str) -> None:
     """Removes ``tmp``, the half-written export of an interrupted ``save``, after checking
     that it is one (a directory holding only what an export holds): a user's directory that
     happens to have that name is never removed."""
-    if not os.path.lexists(tmp):
+    if not paths.lexists(tmp):
         return
 
     def ours(name: str) -> bool:
@@ -460,34 +460,27 @@ def _remove_stale(tmp: str) -> None:
         return name in EXPORT_ENTRIES or name.startswith(f"{PARAMS_DIR}.")
 
     if (
-        os.path.islink(tmp)
-        or not os.path.isdir(tmp)
-        or not all(ours(name) for name in os.listdir(tmp))
+        paths.islink(tmp)
+        or not paths.isdir(tmp)
+        or not all(ours(name) for name in paths.listdir(tmp))
         or _run_within(tmp) is not None
     ):
         raise OutputRefused(
             f"refusing to remove {tmp}: it is not a half-written export (where save writes "
             "before moving into place); move it away"
         )
-    shutil.rmtree(tmp)
+    paths.rmtree(tmp)
+
+
+# What marks an export complete, in the order a copy writes them last (``paths.swap_dir``).
+_LAST = (INFO_FILE, CONFIG_FILE)
 
 
 def _swap(tmp: str, out: str) -> None:
     """Moves the complete ``tmp`` to ``out``; a previous ``out`` is moved aside first and
-    removed only once the new one is in place (put back if the move fails)."""
-    if not os.path.lexists(out):
-        os.replace(tmp, out)
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-    aside = os.path.join(old, os.path.basename(out))
-    os.replace(out, aside)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(aside, out)
-        os.rmdir(old)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    removed only once the new one is in place (put back if the move fails). Local: renames;
+    cloud storage: copies, ``tagi_config.json`` last (``paths.swap_dir``)."""
+    paths.swap_dir(tmp, out, last=_LAST)
 
 
 @jax.jit
@@ -522,16 +515,16 @@ def _vocabulary_record(vocabulary: str, directory: str | None) -> dict:
     if vocabulary == "byte":
         return {"kind": "byte"}
     source = spiece_file(vocabulary)
-    if not os.path.isfile(source):
+    if not paths.isfile(source):
         raise ExportError(f"the student's SentencePiece vocabulary does not exist: {source}")
     if directory is not None:
-        shutil.copyfile(source, os.path.join(directory, SPIECE_FILE))
+        paths.copyfile(source, paths.join(directory, SPIECE_FILE))
     return {
         "kind": "sentencepiece",
         "file": SPIECE_FILE,
         "sha256": file_sha256(source),
         "extra_ids": SENTENCEPIECE_EXTRA_IDS,
-        "source": os.path.abspath(source),
+        "source": paths.absolute(source),
     }
 
 
@@ -563,7 +556,7 @@ def save(
     processes every one calls this (orbax saves are collective), ``is_main`` moves files,
     ``sync`` is a barrier.
     """
-    out = os.path.abspath(out)
+    out = paths.absolute(out)
     sources = [*sources, *([base_reference.path] if base_reference is not None else [])]
     rule = {
         "overwrite": overwrite,
@@ -585,7 +578,7 @@ def save(
     tmp = out + ".tmp"
     if is_main:
         _remove_stale(tmp)  # a half-written export from an interrupted run
-        os.makedirs(tmp)
+        paths.makedirs(tmp, exist_ok=False)
     sync("export: clean")
     import orbax.checkpoint as ocp
 
@@ -593,26 +586,26 @@ def save(
 
     if base_reference is None:
         kept = {p: v for p, v in flat.items() if not p.startswith("t5/")}
-        param_checkpoint.save(os.path.join(tmp, BASE_DIR), config.t5, params["t5"])
+        param_checkpoint.save(paths.join(tmp, BASE_DIR), config.t5, params["t5"])
         base_info = {"kind": "included", "path": BASE_DIR}
     else:
         kept = {p: v for p, v in flat.items() if p not in base_reference.provided}
         base_info = {
             "kind": "reference",
-            "path": os.path.abspath(base_reference.path),
+            "path": paths.absolute(base_reference.path),
             "fingerprint": base_reference.fingerprint,
         }
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(tmp, PARAMS_DIR), kept)
+    checkpointer.save(paths.join(tmp, PARAMS_DIR), kept)
     checkpointer.wait_until_finished()
     sync("export: written")
     if is_main:
-        _write_json(os.path.join(tmp, BASE_FILE), base_info)
-        _write_json(os.path.join(tmp, VOCABULARY_FILE), _vocabulary_record(vocabulary, tmp))
-        _write_json(os.path.join(tmp, DATA_FILE), dict(data))
+        _write_json(paths.join(tmp, BASE_FILE), base_info)
+        _write_json(paths.join(tmp, VOCABULARY_FILE), _vocabulary_record(vocabulary, tmp))
+        _write_json(paths.join(tmp, DATA_FILE), dict(data))
         n_params = sum(int(np.prod(v.shape)) for v in flat.values())
         _write_json(
-            os.path.join(tmp, INFO_FILE),
+            paths.join(tmp, INFO_FILE),
             {
                 "format_version": FORMAT_VERSION,
                 "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -623,8 +616,7 @@ def save(
             },
         )
         # The config goes last: a directory with a tagi_config.json has everything else.
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            f.write(config.to_json())
+        paths.write_text(paths.join(tmp, CONFIG_FILE), config.to_json())
         # Again: the write took a while, and what is at `out` now is what the swap removes.
         check_replaceable(out, "export", **rule)
         _swap(tmp, out)
@@ -635,7 +627,7 @@ def save(
 def sources_of(path: str) -> list[str]:
     """What outputs made from the export ``path`` must not overwrite: the export and a base it
     references (unreadable records are left to ``load`` to report)."""
-    path = os.path.abspath(path)
+    path = paths.absolute(path)
     try:
         kind, location, _ = _base_info(path)
     except (OSError, ExportError):
@@ -648,17 +640,17 @@ def sources_of(path: str) -> list[str]:
 
 def check_is_export(path: str) -> str:
     """``path``'s absolute form; a clear error when it is not a complete export."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    path = paths.absolute(path)
+    if not paths.isdir(path):
         raise FileNotFoundError(f"export directory does not exist: {path}")
-    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        if os.path.isdir(os.path.join(path, backbone.RUN_EXPORT_DIR)):
+    if not paths.isfile(paths.join(path, CONFIG_FILE)):
+        if paths.isdir(paths.join(path, backbone.RUN_EXPORT_DIR)):
             raise ExportError(
                 f"{path} is a training run, not an export: use {path}/"
                 f"{backbone.RUN_EXPORT_DIR} (written when the run finished) or python -m "
                 "tagi_jax.export --model_dir for one of its checkpoints"
             )
-        if os.path.isdir(os.path.join(path, "tagi", PARAMS_DIR)):
+        if paths.isdir(paths.join(path, "tagi", PARAMS_DIR)):
             raise ExportError(
                 f"{path} is a run export of an older tagi_jax (tagi/params): export the run "
                 "again with python -m tagi_jax.export --model_dir"
@@ -668,36 +660,42 @@ def check_is_export(path: str) -> str:
 
 
 def read_config(path: str) -> TagiConfig:
-    file = os.path.join(check_is_export(path), CONFIG_FILE)
+    file = paths.join(check_is_export(path), CONFIG_FILE)
     try:
-        with open(file) as f:
-            return TagiConfig.from_json(f.read())
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        return TagiConfig.from_json(paths.read_text(file))
+    except (
+        OSError,
+        UnicodeDecodeError,
+        json.JSONDecodeError,
+        KeyError,
+        TypeError,
+        ValueError,
+    ) as e:
         raise ExportError(f"cannot read {file}: {type(e).__name__}: {e}") from e
 
 
 def read_data(path: str) -> dict:
     """``data.json``: the data settings the student trained with."""
-    return _read_json(os.path.join(check_is_export(path), DATA_FILE), "data settings")
+    return _read_json(paths.join(check_is_export(path), DATA_FILE), "data settings")
 
 
 def read_info(path: str) -> dict:
-    file = os.path.join(check_is_export(path), INFO_FILE)
-    return _read_json(file, "export record") if os.path.isfile(file) else {}
+    file = paths.join(check_is_export(path), INFO_FILE)
+    return _read_json(file, "export record") if paths.isfile(file) else {}
 
 
 def vocabulary_spec(path: str) -> str:
     """``"byte"`` or the SentencePiece file inside the export, checked against its hash."""
     path = check_is_export(path)
-    file = os.path.join(path, VOCABULARY_FILE)
+    file = paths.join(path, VOCABULARY_FILE)
     record = _read_json(file, "vocabulary")
     kind = record.get("kind")
     if kind == "byte":
         return "byte"
     if kind != "sentencepiece":
         raise ExportError(f"{file}: vocabulary kind {kind!r} is not byte/sentencepiece")
-    model = os.path.join(path, record.get("file", SPIECE_FILE))
-    if not os.path.isfile(model):
+    model = paths.join(path, record.get("file", SPIECE_FILE))
+    if not paths.isfile(model):
         raise ExportError(f"{file} names {model}, which does not exist")
     if record.get("sha256") and file_sha256(model) != record["sha256"]:
         raise ExportError(f"{model} is not the vocabulary the student trained with (hash differs)")
@@ -713,7 +711,7 @@ def vocabulary_for(spec: str, override: str | None, setting: str) -> str:
     same = False
     if "byte" not in (spec, override):
         file = spiece_file(override)
-        same = os.path.isfile(file) and file_sha256(file) == file_sha256(spec)
+        same = paths.isfile(file) and file_sha256(file) == file_sha256(spec)
     if not same:
         raise ValueError(
             f"{setting}={override!r} is not the vocabulary the student was trained with "
@@ -724,12 +722,13 @@ def vocabulary_for(spec: str, override: str | None, setting: str) -> str:
 
 def _base_info(path: str) -> tuple[str, str, dict]:
     """``(kind, location, base.json)``; a relative location is inside the export."""
-    file = os.path.join(path, BASE_FILE)
+    file = paths.join(path, BASE_FILE)
     info = _read_json(file, "base record")
     kind, location = info.get("kind"), info.get("path")
     if kind not in ("reference", "included") or not isinstance(location, str):
         raise ExportError(f"{file}: needs kind reference/included and a path, got {info}")
-    return kind, os.path.join(path, location), info  # join keeps an absolute location as is
+    # join keeps an absolute location (a local path or a URI) as is
+    return kind, paths.join(path, location), info
 
 
 def _check_shapes(where: str, shapes: dict[str, tuple], abstract: Flat, what: str) -> None:
@@ -762,10 +761,9 @@ def load(path: str, *, verify_base: bool = True, shardings=None) -> Export:
     abstract = trainable.flatten(abstract_tree)
     flat_shardings = None if shardings is None else trainable.flatten(shardings)
     kind, location, info = _base_info(path)
-    if not os.path.isdir(location):
+    if not paths.isdir(location):
         raise FileNotFoundError(
-            f"the export's base ({kind}, {os.path.join(path, BASE_FILE)}) does not exist: "
-            f"{location}"
+            f"the export's base ({kind}, {paths.join(path, BASE_FILE)}) does not exist: {location}"
         )
     _, base = backbone.load_t5(location, shardings=None if shardings is None else shardings["t5"])
     base_flat = {f"t5/{p}": v for p, v in trainable.flatten(base).items()}
@@ -783,8 +781,8 @@ def load(path: str, *, verify_base: bool = True, shardings=None) -> Export:
             "verify_base=False to use it anyway"
         )
 
-    params_path = os.path.join(path, PARAMS_DIR)
-    if not os.path.isdir(params_path):
+    params_path = paths.join(path, PARAMS_DIR)
+    if not paths.isdir(params_path):
         raise FileNotFoundError(f"missing {params_path}: the export has no parameters")
     checkpointer = ocp.StandardCheckpointer()
     metadata = checkpointer.metadata(params_path)

@@ -23,19 +23,20 @@ is a plain T5 that answers that task. A student whose adapted model still reads 
 at run time (fusion, instruction cross-attention) has no such plain-T5 form; that is refused.
 
 Every directory is written beside its destination and renamed into place, so a crash never leaves
-a half-written export under the final name.
+a half-written export under the final name. A destination in cloud storage (``gs://...``) is
+written to a local temporary directory (safetensors and tokenizer files are written locally) and
+then copied, its marker file (``config.json``, ``adapter_config.json``) last
+(``paths.swap_dir``). transformers itself reads only local directories.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+from tagi_jax import paths
 from tagi_jax.convert import hf_t5
 from tagi_jax.models import lora
 from tagi_jax.models.t5_config import T5Config
@@ -64,8 +65,8 @@ def sentencepiece_model_path(vocabulary: str) -> str | None:
         )
     if vocabulary == "byte":
         return None
-    model = os.path.join(vocabulary, "spiece.model") if os.path.isdir(vocabulary) else vocabulary
-    if not os.path.isfile(model):
+    model = paths.join(vocabulary, "spiece.model") if paths.isdir(vocabulary) else vocabulary
+    if not paths.isfile(model):
         raise FileNotFoundError(
             f"vocabulary {vocabulary!r}: SentencePiece model not found at {model} "
             "(pass 'byte', a spiece.model file or a directory holding one)"
@@ -73,16 +74,21 @@ def sentencepiece_model_path(vocabulary: str) -> str | None:
     return model
 
 
+def _processor(model: str):
+    """A SentencePiece processor of the model file ``model`` (local or in cloud storage)."""
+    import sentencepiece
+
+    if paths.is_uri(model):
+        return sentencepiece.SentencePieceProcessor(model_proto=paths.read_bytes(model))
+    return sentencepiece.SentencePieceProcessor(model_file=model)
+
+
 def vocabulary_size(vocabulary: str) -> int:
     """How many ids the tokenizer can emit (SentencePiece pieces + 100 sentinels, or 259)."""
     model = sentencepiece_model_path(vocabulary)
     if model is None:
         return BYTE_VOCAB_SIZE
-    import sentencepiece
-
-    return sentencepiece.SentencePieceProcessor(model_file=model).get_piece_size() + (
-        SENTENCEPIECE_EXTRA_IDS
-    )
+    return _processor(model).get_piece_size() + SENTENCEPIECE_EXTRA_IDS
 
 
 def decode_ids(vocabulary: str, ids) -> str:
@@ -92,9 +98,7 @@ def decode_ids(vocabulary: str, ids) -> str:
     if model is None:
         data = bytes(i - BYTE_SPECIAL_IDS for i in ids if BYTE_SPECIAL_IDS <= i < BYTE_VOCAB_SIZE)
         return data.decode("utf-8", errors="replace")
-    import sentencepiece
-
-    processor = sentencepiece.SentencePieceProcessor(model_file=model)
+    processor = _processor(model)
     size = processor.get_piece_size()
     return processor.decode([i for i in ids if 0 < i < size and i != processor.eos_id()])
 
@@ -105,7 +109,7 @@ def write_tokenizer(vocabulary: str, directory: str, model_max_length: int = 512
     if model is None:
         tokenizer = {"tokenizer_class": "ByT5Tokenizer", "extra_ids": 0}
     else:
-        shutil.copyfile(model, os.path.join(directory, "spiece.model"))
+        paths.copyfile(model, paths.join(directory, "spiece.model"))
         # legacy=False: transformers 4's slow T5Tokenizer then matches sentencepiece exactly.
         tokenizer = {
             "tokenizer_class": "T5Tokenizer",
@@ -113,8 +117,8 @@ def write_tokenizer(vocabulary: str, directory: str, model_max_length: int = 512
             "legacy": False,
         }
     tokenizer.update(_SPECIAL_TOKENS, model_max_length=model_max_length)
-    write_json(os.path.join(directory, "tokenizer_config.json"), tokenizer)
-    write_json(os.path.join(directory, "special_tokens_map.json"), dict(_SPECIAL_TOKENS))
+    write_json(paths.join(directory, "tokenizer_config.json"), tokenizer)
+    write_json(paths.join(directory, "special_tokens_map.json"), dict(_SPECIAL_TOKENS))
 
 
 def check_vocabulary_fits(t5_config: T5Config, vocabulary: str) -> None:
@@ -131,7 +135,9 @@ def check_vocabulary_fits(t5_config: T5Config, vocabulary: str) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(out: str, *, kind: str, overwrite: bool = False) -> Iterator[str]:
-    """Yields a fresh directory beside ``out`` that becomes ``out`` when the block succeeds.
+    """Yields a fresh directory beside ``out`` that becomes ``out`` when the block succeeds (for
+    an ``out`` in cloud storage: a local temporary directory, copied there at the end, the
+    marker file last).
 
     ``out`` must be a place a ``kind`` output (``"hf"``, ``"peft"``) may go
     (``export_format.check_replaceable``: never a training run or anything that is not a
@@ -142,28 +148,19 @@ def atomic_directory(out: str, *, kind: str, overwrite: bool = False) -> Iterato
     from tagi_jax.artifacts import export_format
 
     out = export_format.check_replaceable(out, kind, overwrite=overwrite)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    # Beside `out`, so the final rename stays on one filesystem and is atomic.
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    # Local: beside `out`, so the final rename stays on one filesystem and is atomic.
+    tmp = paths.local_dir_for(out, ".tmp-")
     try:
         yield tmp
-        if os.path.isdir(out):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-            os.replace(out, os.path.join(old, "x"))
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        paths.swap_dir(tmp, out, last=export_format._markers(kind))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            paths.rmtree(tmp, missing_ok=True)
         raise
 
 
 def write_json(path: str, value: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
+    paths.write_text(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 # --- the export ---------------------------------------------------------------------------
@@ -238,7 +235,7 @@ def write_hf(
         write_hf_into(
             t5_config, t5_params, tmp, vocabulary=vocabulary, adapters=adapters, student=student
         )
-    return os.path.abspath(out)
+    return paths.absolute(out)
 
 
 def write_task_hf(

@@ -33,6 +33,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
+from tagi_jax import paths
 from tagi_jax.convert.tensor_store import CheckpointError, TensorStore
 from tagi_jax.models import t5
 from tagi_jax.models.t5_config import T5Config
@@ -112,6 +113,7 @@ def parameter_sources(config: T5Config) -> dict[tuple[str, ...], _Source]:
 
 def read_config(path: str, **overrides: Any) -> T5Config:
     """The T5Config of a local HF directory; ``overrides`` set our execution fields."""
+    paths.require_local(path, "a Hugging Face T5 directory")  # read memory-mapped
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory does not exist: {path}")
     config_path = os.path.join(path, "config.json")

@@ -1,19 +1,20 @@
 """A frozen T5 as an orbax parameter checkpoint: ``<dir>/params`` plus ``<dir>/t5_config.json``.
 
 This is how converted base models are stored for training: restoring takes target shardings,
-so a checkpoint written on one mesh loads onto any other.
+so a checkpoint written on one mesh loads onto any other. ``directory`` may be local or in cloud
+storage (``gs://...``, see ``tagi_jax.paths``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from tagi_jax import paths
 from tagi_jax.convert.tensor_store import CheckpointError
 from tagi_jax.models import t5
 from tagi_jax.models.t5_config import T5Config
@@ -25,24 +26,22 @@ PARAMS_DIR = "params"
 
 def save(directory: str, config: T5Config, params: Any) -> None:
     """Writes the parameters and config; refuses to replace an existing checkpoint."""
-    directory = os.path.abspath(directory)
-    params_path = os.path.join(directory, PARAMS_DIR)
-    if os.path.exists(params_path):
+    directory = paths.absolute(directory)
+    params_path = paths.join(directory, PARAMS_DIR)
+    if paths.exists(params_path):
         raise FileExistsError(f"{params_path} already exists; not overwriting a checkpoint")
-    os.makedirs(directory, exist_ok=True)
+    paths.makedirs(directory)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(params_path, params)
     checkpointer.wait_until_finished()
     # The config goes last: a directory with a config has complete parameters.
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        f.write(config.to_json())
+    paths.write_text(paths.join(directory, CONFIG_FILE), config.to_json())
 
 
 def read_config(directory: str) -> T5Config:
-    path = os.path.join(directory, CONFIG_FILE)
+    path = paths.join(directory, CONFIG_FILE)
     try:
-        with open(path) as f:
-            return T5Config.from_dict(json.load(f))
+        return T5Config.from_dict(paths.read_json(path))
     except FileNotFoundError as e:
         raise CheckpointError(f"missing {path}: not a tagi_jax parameter checkpoint") from e
     except (OSError, json.JSONDecodeError, ValueError, TypeError) as e:
@@ -58,12 +57,12 @@ def load(
 ) -> tuple[T5Config, Any]:
     """Restores ``(config, params)``, sharded over ``mesh`` when one is given (or placed by
     ``shardings``, a tree matching the parameters)."""
-    directory = os.path.abspath(directory)
-    if not os.path.isdir(directory):
+    directory = paths.absolute(directory)
+    if not paths.isdir(directory):
         raise CheckpointError(f"parameter checkpoint directory does not exist: {directory}")
     config = read_config(directory)
-    params_path = os.path.join(directory, PARAMS_DIR)
-    if not os.path.isdir(params_path):
+    params_path = paths.join(directory, PARAMS_DIR)
+    if not paths.isdir(params_path):
         raise CheckpointError(f"missing {params_path}: the checkpoint has no parameters")
     abstract = t5.abstract_params(config)
     if shardings is None:

@@ -58,13 +58,13 @@ Nothing here imports torch, transformers or peft: the files are written with num
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
 import jax
 import numpy as np
 
+from tagi_jax import paths
 from tagi_jax.convert import hf_export, hf_t5
 from tagi_jax.models import lora, tagi
 from tagi_jax.models.tagi_config import TagiConfig
@@ -205,6 +205,7 @@ def adapter_config(config: TagiConfig, adapters: lora.LoraAdapters, base: str) -
 def _check_base_dir(config: TagiConfig, base_dir: str) -> str:
     """The base is someone else's directory: its architecture must be the student's backbone
     (the weights are trusted to be the frozen backbone the student was trained on)."""
+    paths.require_local(base_dir, "base_dir (a Hugging Face T5 directory)")
     given = hf_t5.read_config(base_dir).to_hf_dict()
     ours = config.t5.to_hf_dict()
     diff = {k: (given.get(k), ours.get(k)) for k in _BASE_FIELDS if given.get(k) != ours.get(k)}
@@ -212,7 +213,7 @@ def _check_base_dir(config: TagiConfig, base_dir: str) -> str:
         raise ValueError(
             f"base_dir {base_dir} is not this student's backbone: (base, student) differ in {diff}"
         )
-    return os.path.abspath(base_dir)
+    return paths.absolute(base_dir)
 
 
 def write_peft(
@@ -248,12 +249,12 @@ def write_peft(
             f"instruction_tokens hold ids in [{tokens.min()}, {tokens.max()}], outside the "
             f"instruction encoder's vocabulary [0, {vocab_size})"
         )
-    out = os.path.abspath(out)
+    out = paths.absolute(out)
     if base_dir is None:
-        base = os.path.join(out, BASE_SUBDIR)
+        base = paths.join(out, BASE_SUBDIR)
     else:
         base = _check_base_dir(config, base_dir)
-        if os.path.commonpath([base, out]) == out:
+        if paths.is_within(base, out):
             # overwriting `out` would delete the base the adapters point at
             raise ValueError(f"base_dir {base} must lie outside the export directory {out}")
     # Refuse before the (possibly long) adapter generation and weight writing.
@@ -262,8 +263,8 @@ def write_peft(
         if not adapters:
             raise ValueError("the hypernetwork generated no adapters for this student")
         if base_dir is None:
-            base_tmp = os.path.join(tmp, BASE_SUBDIR)
-            os.makedirs(base_tmp)
+            base_tmp = paths.join(tmp, BASE_SUBDIR)
+            paths.makedirs(base_tmp, exist_ok=False)
             hf_export.write_hf_into(config.t5, params["t5"], base_tmp, vocabulary=vocabulary)
         else:
             hf_export.check_vocabulary_fits(config.t5, vocabulary)
@@ -271,11 +272,11 @@ def write_peft(
 
         save_file(
             peft_tensors(config, adapters),
-            os.path.join(tmp, ADAPTER_WEIGHTS),
+            paths.join(tmp, ADAPTER_WEIGHTS),
             metadata={"format": "pt"},
         )
         hf_export.write_json(
-            os.path.join(tmp, ADAPTER_CONFIG), adapter_config(config, adapters, base)
+            paths.join(tmp, ADAPTER_CONFIG), adapter_config(config, adapters, base)
         )
         hf_export.write_tokenizer(vocabulary, tmp)
         if fused_states:
@@ -284,15 +285,15 @@ def write_peft(
                     "instruction_states": np.asarray(jax.device_get(states), np.float32),
                     "instruction_mask": (tokens != 0).astype(np.int64),
                 },
-                os.path.join(tmp, INSTRUCTION_STATES),
+                paths.join(tmp, INSTRUCTION_STATES),
                 metadata={"format": "pt"},
             )
         hf_export.write_json(
-            os.path.join(tmp, INSTRUCTION_RECORD),
+            paths.join(tmp, INSTRUCTION_RECORD),
             {
                 "instruction": hf_export.decode_ids(vocabulary, tokens[0]),
                 "instruction_ids": tokens[0].tolist(),
-                "vocabulary": "byte" if vocabulary == "byte" else os.path.abspath(vocabulary),
+                "vocabulary": "byte" if vocabulary == "byte" else paths.absolute(vocabulary),
                 "targets": list(adapters.targets),
                 "rank": int(next(iter(adapters.a.values())).shape[-1]),
                 "lora_scale": float(adapters.scale),

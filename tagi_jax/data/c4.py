@@ -17,8 +17,12 @@ from __future__ import annotations
 import json
 import os
 
-import seqio
-import tensorflow as tf
+from tagi_jax.data.tf_setup import import_tensorflow
+
+# Before seqio: TensorFlow must never see the accelerators (JAX owns their memory).
+tf = import_tensorflow()
+
+import seqio  # noqa: E402
 
 DEFAULT_MIN_SEGMENT = 4
 
@@ -42,11 +46,16 @@ def split_document(
     seed: int = 0,
     max_length: int = 1024,
     min_segment_length: int = DEFAULT_MIN_SEGMENT,
+    drop_short: bool = True,
 ) -> tf.data.Dataset:
     """Tokenised ``text`` → ``hyper_inputs``/``inputs``/``targets`` (a seqio preprocessor).
 
     Documents shorter than three minimum segments are dropped (they carry no (a, b, c) split);
-    counted by the caller via the dataset's size, not silently padded.
+    counted by the caller via the dataset's size, not silently padded. ``drop_short=False``
+    (the per-host training stream, ``tasks.indexed_source``: one example per document, so that
+    which document fills example ``i`` is known without tokenizing the ones before it) splits
+    such a document with shorter minimum segments instead, ``n // 3`` tokens of its ``n``; a
+    document long enough splits the same either way.
     """
 
     def enough(example):
@@ -58,10 +67,11 @@ def split_document(
         doc_hash = tf.strings.to_hash_bucket_fast(example["text_pretokenized"], 2**31 - 1)
         key = tf.stack([tf.constant(seed, tf.int64), doc_hash])
         u = tf.random.stateless_uniform([2], seed=key, dtype=tf.float32)
-        lo1, hi1 = min_segment_length, n - 2 * min_segment_length + 1
+        m = tf.minimum(min_segment_length, n // 3)  # min_segment_length for every kept document
+        lo1, hi1 = m, n - 2 * m + 1
         s1 = lo1 + tf.cast(u[0] * tf.cast(hi1 - lo1, tf.float32), tf.int32)
         s1 = tf.minimum(s1, hi1 - 1)
-        lo2, hi2 = s1 + min_segment_length, n - min_segment_length + 1
+        lo2, hi2 = s1 + m, n - m + 1
         s2 = lo2 + tf.cast(u[1] * tf.cast(hi2 - lo2, tf.float32), tf.int32)
         s2 = tf.minimum(s2, hi2 - 1)
         return {
@@ -71,7 +81,9 @@ def split_document(
             "text_pretokenized": example["text_pretokenized"],
         }
 
-    return dataset.filter(enough).map(split, num_parallel_calls=tf.data.AUTOTUNE)
+    if drop_short:
+        dataset = dataset.filter(enough)
+    return dataset.map(split, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def read_documents(paths: list[str]):
@@ -84,14 +96,48 @@ def read_documents(paths: list[str]):
                 line = line.rstrip("\n")
                 if not line.strip():
                     continue
-                if path.endswith(".jsonl"):
-                    try:
-                        line = json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise ValueError(
-                            f"{path}:{number}: not a JSON object with 'text': {e}"
-                        ) from e
-                yield line
+                yield _document(path, number, line)
+
+
+def _document(path: str, number, line: str) -> str:
+    """The document of a non-empty line of ``path``: JSONL's ``text``, else the line itself.
+    ``number``: the line's number, or a function giving it (counted only for an error)."""
+    if not path.endswith(".jsonl"):
+        return line
+    try:
+        return json.loads(line)["text"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        number = number() if callable(number) else number
+        raise ValueError(f"{path}:{number}: not a JSON object with 'text': {e}") from e
+
+
+class IndexedDocuments:
+    """The documents ``read_documents`` gives, addressable as ``(file, row)`` (the row-th
+    non-blank line of a file): building it scans each file's line ends
+    (``example_index.LineIndex``, no decoding or parsing), reading a document reads its line
+    alone."""
+
+    def __init__(self, paths: list[str]):
+        from tagi_jax.data import example_index
+
+        for path in paths:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"C4 file does not exist: {path}")
+        self._files = [example_index.LineIndex(path) for path in paths]
+        self.sizes = [len(index) for index in self._files]
+
+    def document(self, file: int, row: int) -> str:
+        index = self._files[file]
+        raw, offset = index.read(row)
+
+        def number() -> int:
+            return index.line_number(offset)
+
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{index.path}:{number()}: not UTF-8: {e}") from None
+        return _document(index.path, number, line.rstrip("\n"))
 
 
 def local_source(paths: list[str]) -> seqio.FunctionDataSource:
@@ -103,6 +149,31 @@ def local_source(paths: list[str]) -> seqio.FunctionDataSource:
         return tf.data.Dataset.from_tensor_slices({"text": tf.constant(docs, tf.string)})
 
     return seqio.FunctionDataSource(dataset_fn, splits=["train", "validation"])
+
+
+def tfds_documents(data_dir: str | None, name: str, start: int) -> tf.data.Dataset:
+    """``{"text"}`` of TFDS ``name``'s train split in file order from example ``start`` on,
+    endless (the split again and again after its end); the order is the files' (TFDS shuffles
+    examples when it writes a dataset). Starting there is TFDS's split slicing: the files
+    before it are never opened and, within its file, the records before it are read but not
+    parsed. Files are read one at a time (no interleaving), so that example ``j`` of the
+    sliced split is example ``start + j`` of the whole one."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    size = builder.info.splits["train"].num_examples
+    if not size:
+        raise ValueError(f"TFDS {name} in {data_dir} has no train examples")
+    read = tfds.ReadConfig(interleave_cycle_length=1, skip_prefetch=True)
+    decoders = tfds.decode.PartialDecoding({"text": True})
+
+    def split(slice_: str) -> tf.data.Dataset:
+        return builder.as_dataset(
+            split=f"train{slice_}", shuffle_files=False, read_config=read, decoders=decoders
+        )
+
+    first = split(f"[{start % size}:]")
+    return first.concatenate(split("").repeat()).map(lambda ex: {"text": ex["text"]})
 
 
 def tfds_source(data_dir: str | None = None, name: str = "c4/en:3.1.0") -> seqio.TfdsDataSource:

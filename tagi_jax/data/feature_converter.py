@@ -9,21 +9,30 @@ so examples cannot share a row) maps::
   targets         -> decoder_target_tokens, decoder_input_tokens (shifted), decoder_loss_weights
   task_id, category_id (scalars) -> passed through
 
-Every sequence is trimmed/padded to its length: static shapes. ``training_batches`` gives a
-task's endless numpy batches (bad data met on the way is one ``DataError`` line);
-``tagi_jax.training.inputs`` places them on the mesh.
+Every sequence is trimmed/padded to its length: static shapes. ``host_batches`` gives one
+process's rows of a task's endless global batches from any batch on, read by example index
+(``example_index``); ``training_batches`` the sequential seqio stream of whole batches. Bad
+data met on the way is one ``DataError`` line; ``tagi_jax.training.inputs`` places the batches
+on the mesh.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import Iterator, Mapping
 
 import numpy as np
-import seqio
-import tensorflow as tf
 
 from tagi_jax.data import errors
+from tagi_jax.data.tf_setup import import_tensorflow
+
+# Before seqio: TensorFlow must never see the accelerators (JAX owns their memory).
+tf = import_tensorflow()
+
+import seqio  # noqa: E402
+
+_log = logging.getLogger(__name__)
 
 _SEQUENCES = {
     "inputs": "encoder_input_tokens",
@@ -148,6 +157,121 @@ def training_batches(
     except _DATA_ERRORS as e:
         raise errors.from_pipeline(e, context) from None
     return _pulled(batches, context)
+
+
+def host_batches(
+    task: str,
+    feature_lengths: Mapping[str, int],
+    batch_size: int,
+    *,
+    seed: int,
+    with_teacher: bool,
+    rows,
+    start_batch: int = 0,
+    source: str = "",
+) -> Iterator[dict[str, np.ndarray]]:
+    """This process's ``rows`` of each global batch of ``task``'s train split, from global
+    batch ``start_batch`` on: endless numpy batches of ``len(rows)`` examples.
+
+    Global batch ``b`` is examples ``[b * batch_size, (b + 1) * batch_size)`` of a stream that
+    is a function of ``seed`` and the example index alone (``example_index.Order``: a seeded
+    permutation per epoch), so the global batch does not depend on how many processes read it,
+    and batch ``start_batch`` is found by index: nothing before it is read beyond the data's
+    structure (task files, line ends), nor formatted, tokenized or converted. Only this
+    process's rows are. ``tasks.indexed_source`` says which tasks can be read so. TFDS C4
+    (``tasks.sequential_source``) is read in file order from example ``start_batch *
+    batch_size`` on (TFDS split slicing: earlier files unopened, earlier records of its file
+    read but not parsed); each process reads and parses the records of whole global batches
+    and tokenizes only its rows. Any other task (registered elsewhere) falls back to the
+    sequential seqio stream of ``training_batches``, which every process reads whole and a
+    resume replays (a warning says so).
+
+    Errors: as ``training_batches`` (one ``DataError`` line).
+    """
+    rows = np.asarray(rows, np.int64)
+    if rows.ndim != 1 or not len(rows) or np.any(np.diff(rows) <= 0):
+        raise ValueError(f"rows must be increasing global row indices, got {rows}")
+    if rows[0] < 0 or rows[-1] >= batch_size:
+        raise ValueError(f"rows {rows} are outside a batch of {batch_size}")
+    if start_batch < 0:
+        raise ValueError(f"start_batch={start_batch} is negative")
+    from tagi_jax.data import example_index, tasks
+
+    context = f"task {task!r}" + (f" ({source})" if source else "")
+    try:
+        indexed = tasks.indexed_source(task, seed)
+    except errors.DataError:
+        raise
+    except (OSError, ValueError) as e:  # a missing split file, an unreadable TFRecord
+        raise errors.DataError(f"{context}: {e}") from None
+    conv = TagiFeatureConverter(with_teacher=with_teacher)
+    lengths = dict(feature_lengths)
+    if not with_teacher:
+        lengths.pop("teacher_inputs", None)
+    lengths = conv.task_feature_lengths(lengths)
+    sequential = tasks.sequential_source(task) if indexed is None else None
+    if sequential is not None:
+        try:
+            ds = sequential.examples(start_batch * batch_size)
+            # whole global batches of raw records, then this process's rows of each
+            picked = tf.constant(rows)
+            ds = ds.batch(batch_size, drop_remainder=True)
+            ds = ds.map(lambda batch: {k: tf.gather(v, picked) for k, v in batch.items()})
+            ds = conv(sequential.preprocess(ds.unbatch(), lengths), task_feature_lengths=lengths)
+            batches = ds.batch(len(rows), drop_remainder=True).prefetch(2).as_numpy_iterator()
+        except _DATA_ERRORS as e:
+            raise errors.from_pipeline(e, context) from None
+        except (OSError, ValueError) as e:  # TFDS: a dataset not prepared there
+            raise errors.DataError(f"{context}: {e}") from None
+        return _pulled(batches, context)
+    if indexed is None:
+        _log.warning(
+            "%s cannot be read by example index: every process reads the whole global batch "
+            "and a resume replays the %d batches before it",
+            context,
+            start_batch,
+        )
+        return _replayed(
+            task, feature_lengths, batch_size, seed, with_teacher, rows, start_batch, source
+        )
+    order = example_index.Order(indexed.sizes, seed, indexed.cap)
+    if order.epoch_size == 0:
+        raise errors.DataError(f"{context} has no training examples: its train split is empty")
+    keys = [k for k in indexed.signature if with_teacher or k != "teacher_inputs"]
+
+    @errors.recorded
+    def generate():
+        batch = start_batch
+        while True:
+            indices = example_index.batch_indices(batch, batch_size, rows)
+            for member, row in zip(*order.lookup(indices), strict=True):
+                example = indexed.example(int(member), int(row))
+                yield {key: example[key] for key in keys}
+            batch += 1
+
+    try:
+        ds = tf.data.Dataset.from_generator(
+            generate, output_signature={key: indexed.signature[key] for key in keys}
+        )
+        ds = conv(indexed.preprocess(ds, lengths), task_feature_lengths=lengths)
+        batches = ds.batch(len(rows), drop_remainder=True).prefetch(2).as_numpy_iterator()
+    except _DATA_ERRORS as e:
+        raise errors.from_pipeline(e, context) from None
+    return _pulled(batches, context)
+
+
+def _replayed(task, feature_lengths, batch_size, seed, with_teacher, rows, start_batch, source):
+    """``rows`` of the sequential stream's global batches from ``start_batch`` on."""
+    batches = training_batches(
+        task, feature_lengths, batch_size, seed=seed, with_teacher=with_teacher, source=source
+    )
+    try:
+        for _ in range(start_batch):
+            next(batches)
+        for batch in batches:
+            yield {key: value[rows] for key, value in batch.items()}
+    finally:
+        batches.close()
 
 
 def _pulled(batches: Iterator, context: str) -> Iterator[dict[str, np.ndarray]]:

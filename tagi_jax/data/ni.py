@@ -22,6 +22,8 @@ and the field, what was expected and what was found; with ``on_error="skip"`` th
 skipped instead, counted and reported in one warning at the end. A wrong type is never coerced:
 an ``output`` that is a string instead of a list of strings would train on single characters.
 ``first_examples`` formats one example per task exactly as training does (``preflight``).
+``IndexedExamples`` gives ``iter_examples``' examples by index, formatting only the one asked
+for (the per-host training stream).
 """
 
 from __future__ import annotations
@@ -450,6 +452,61 @@ def _budget(config: NIConfig, vocabulary) -> dict[str, Any]:
     )
 
 
+def _task_plan(name: str, task: dict, split: str, config: NIConfig, seed: int) -> list:
+    """``[(instance, target)]`` of a task in the order ``iter_examples`` gives: the seeded
+    shuffle and cap of training instances (the first ones in evaluation) and each training
+    instance's drawn reference, all without formatting anything."""
+    training = split == "train"
+    instances = list(task["Instances"])
+    # zlib.crc32, not hash(): stable across processes and Python versions.
+    rng = random.Random(seed * 1_000_003 + zlib.crc32(name.encode()))
+    if training:
+        rng.shuffle(instances)
+        if config.max_train_instances_per_task is not None:
+            instances = instances[: config.max_train_instances_per_task]
+    else:
+        instances = instances[: config.eval_instances_per_task]
+    # the draws follow the instances in order, as when each was drawn right after formatting
+    return [
+        (instance, rng.choice(list(instance["output"])) if training else instance["output"][0])
+        for instance in instances
+    ]
+
+
+def _format(
+    name: str,
+    task: dict,
+    task_id: int,
+    category_ids: dict[str, int],
+    config: NIConfig,
+    budget: dict,
+    instance: dict,
+    target: str,
+) -> dict[str, Any]:
+    """One planned instance as a formatted example (``iter_examples``' fields)."""
+    category = (task.get("Categories") or ["Uncategorized"])[0]
+    example = format_instance(
+        task,
+        instance,
+        task_name=name if config.add_task_name else "",
+        num_pos_examples=config.pos_examples,
+        num_neg_examples=config.num_neg_examples,
+        add_definition=config.add_definition,
+        add_explanation=config.add_explanation,
+        student_input=config.student_input,
+        **budget,
+    )
+    example["targets"] = target
+    example.update(
+        task_name=name,
+        category=category,
+        task_id=task_id,
+        category_id=category_ids[category],
+        instance_id=instance["id"],
+    )
+    return example
+
+
 def _task_examples(
     tasks: list,
     task_id: int,
@@ -461,39 +518,51 @@ def _task_examples(
 ) -> Iterator[dict[str, Any]]:
     """The formatted examples of ``tasks[task_id]``, in the order ``iter_examples`` gives."""
     name, task = tasks[task_id]
-    training = split == "train"
-    instances = list(task["Instances"])
-    # zlib.crc32, not hash(): stable across processes and Python versions.
-    rng = random.Random(seed * 1_000_003 + zlib.crc32(name.encode()))
-    if training:
-        rng.shuffle(instances)
-        if config.max_train_instances_per_task is not None:
-            instances = instances[: config.max_train_instances_per_task]
-    else:
-        instances = instances[: config.eval_instances_per_task]
-    category = (task.get("Categories") or ["Uncategorized"])[0]
-    for instance in instances:
-        example = format_instance(
-            task,
-            instance,
-            task_name=name if config.add_task_name else "",
-            num_pos_examples=config.pos_examples,
-            num_neg_examples=config.num_neg_examples,
-            add_definition=config.add_definition,
-            add_explanation=config.add_explanation,
-            student_input=config.student_input,
-            **budget,
+    for instance, target in _task_plan(name, task, split, config, seed):
+        yield _format(name, task, task_id, category_ids, config, budget, instance, target)
+
+
+class IndexedExamples:
+    """The examples ``iter_examples`` gives (same arguments), addressable as ``(task_id, k)``
+    (the ``k``-th example of a task in its order) without formatting any other.
+
+    Building it reads and checks every task file of the split (as ``iter_examples`` does) and
+    draws each task's instances and targets; only the drawn instances are kept. Formatting
+    (with the token budget: the tokenizer's work) happens in ``example``, for that example
+    alone.
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        split: str,
+        config: NIConfig,
+        *,
+        seed: int = 0,
+        vocabulary=None,
+        split_name: str = "default",
+    ):
+        self._config = config
+        self._budget = _budget(config, vocabulary)
+        tasks = load_split(data_dir, split, config, split_name)
+        self._category_ids = {c: i for i, c in enumerate(categories(tasks))}
+        self._plans = [_task_plan(name, task, split, config, seed) for name, task in tasks]
+        # the drawn instances live in the plans; the rest of each file is let go
+        self._tasks = [
+            (name, {k: v for k, v in task.items() if k != "Instances"}) for name, task in tasks
+        ]
+        self.sizes = [len(plan) for plan in self._plans]
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def example(self, task_id: int, k: int) -> dict[str, Any]:
+        """The ``k``-th example of task ``task_id``, formatted."""
+        name, task = self._tasks[task_id]
+        instance, target = self._plans[task_id][k]
+        return _format(
+            name, task, task_id, self._category_ids, self._config, self._budget, instance, target
         )
-        refs = example["references"]
-        example["targets"] = rng.choice(refs) if training else refs[0]
-        example.update(
-            task_name=name,
-            category=category,
-            task_id=task_id,
-            category_id=category_ids[category],
-            instance_id=instance["id"],
-        )
-        yield example
 
 
 def iter_examples(

@@ -627,7 +627,9 @@ def _write_jsonl(path: str, rows: Iterable[Mapping[str, Any]]) -> None:
 
 
 def _feature(key: str, value: Any):
-    import tensorflow as tf
+    from tagi_jax.data.tf_setup import import_tensorflow
+
+    tf = import_tensorflow()
 
     kind = _FIELD_KINDS.get(key)
     if kind is None:
@@ -643,7 +645,9 @@ def _feature(key: str, value: Any):
 
 
 def _write_tfrecord(path: str, rows: Iterable[Mapping[str, Any]]) -> None:
-    import tensorflow as tf
+    from tagi_jax.data.tf_setup import import_tensorflow
+
+    tf = import_tensorflow()
 
     with tf.io.TFRecordWriter(path) as writer:
         for row in rows:
@@ -699,7 +703,9 @@ def read_tfrecord(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
 
 
 def _iter_tfrecord(path: str) -> Iterator[dict[str, Any]]:
-    import tensorflow as tf
+    from tagi_jax.data.tf_setup import import_tensorflow
+
+    tf = import_tensorflow()
 
     try:
         for index, serialized in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):

@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 
-import seqio
-import tensorflow as tf
-
-from tagi_jax.data import errors, p3
+from tagi_jax.data import errors, p3, tasks
 from tagi_jax.data.errors import DataError
+from tagi_jax.data.tf_setup import import_tensorflow
+
+# Before seqio: TensorFlow must never see the accelerators (JAX owns their memory).
+tf = import_tensorflow()
+
+import seqio  # noqa: E402
 
 SCORE_EVAL = p3.SCORE_EVAL_SUFFIX
 SPLITS = ("train", "validation", "test")
@@ -102,6 +106,61 @@ def _dataset_fn(task_dir: str, task_id: int, category_id: int, split, shuffle_fi
             yield _example(row, f"{path}: row {n}", task_id, category_id)
 
     return tf.data.Dataset.from_generator(generate, output_signature=_SIGNATURE)
+
+
+class IndexedRows:
+    """The examples of a task's split file, addressable by row without reading the others:
+    building it scans the file's line ends or record headers (``example_index``; no row is
+    parsed), ``example(row)`` reads and parses that row alone. Errors name the file and the
+    line (JSONL) or row as the sequential readers do."""
+
+    def __init__(self, task_dir: str, split: str, task_id: int, category_id: int):
+        from tagi_jax.data import example_index
+
+        self.path = _split_file(task_dir, split)
+        self.task_id, self.category_id = task_id, category_id
+        try:
+            if self.path.endswith(".jsonl"):
+                self._index = example_index.LineIndex(self.path)
+            else:
+                self._index = example_index.TFRecordIndex(self.path)
+        except ValueError as e:
+            raise DataError(e) from None
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def example(self, row: int) -> dict:
+        """Row ``row`` (0-based) as the task's features (``_example``)."""
+        return _example(
+            self._row(row), f"{self.path}: row {row + 1}", self.task_id, self.category_id
+        )
+
+    def _row(self, row: int) -> dict:
+        if not self.path.endswith(".jsonl"):
+            import tensorflow as tf
+
+            try:
+                record = tf.train.Example.FromString(self._index.read(row))
+            except Exception as e:  # noqa: BLE001 - a corrupt record: protobuf's DecodeError
+                raise DataError(f"{self.path}: record {row}: unreadable TFRecord: {e}") from None
+            try:
+                return p3._decode_example(self.path, row, record)
+            except ValueError as e:
+                raise DataError(e) from None
+        raw, offset = self._index.read(row)
+        try:
+            value = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            number = self._index.line_number(offset)
+            raise DataError(f"{self.path}: line {number} is not valid UTF-8") from None
+        except json.JSONDecodeError as e:
+            number = self._index.line_number(offset)
+            raise DataError(f"{self.path}: line {number} is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            number = self._index.line_number(offset)
+            raise DataError(f"{self.path}: line {number} is not a JSON object")
+        return value
 
 
 def _dataset_keys() -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
@@ -205,11 +264,12 @@ def register_p3(
         for name in ("inputs", "hyper_inputs", "teacher_inputs", "targets")
     }
     registered, train_members, eval_members = [], [], []
+    member_info = {}
     for task_id, name in enumerate(names):
         task_dir = os.path.join(p3_dir, name)
         full = f"{prefix}_p3_{name}"
         seqio.TaskRegistry.remove(full)
-        seqio.TaskRegistry.add(
+        task = seqio.TaskRegistry.add(
             full,
             source=seqio.FunctionDataSource(
                 functools.partial(_dataset_fn, task_dir, task_id, category(name)),
@@ -218,7 +278,10 @@ def register_p3(
             preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
             output_features=features,
         )
+        member = (task_dir, task_id, category(name))
+        tasks._add_indexed(full, task, functools.partial(_indexed, task, [member], None))
         registered.append(full)
+        member_info[full] = member
         rate = functools.partial(_capped_rate, task_dir, max_examples_per_task)
         if name in eval_names:
             eval_members.append((full, rate))
@@ -231,9 +294,39 @@ def register_p3(
             continue
         mixture = f"{prefix}_p3_{label}"
         seqio.MixtureRegistry.remove(mixture)
-        seqio.MixtureRegistry.add(mixture, [(task, _LazyRate(rate)) for task, rate in members])
+        added = seqio.MixtureRegistry.add(
+            mixture, [(task, _LazyRate(rate)) for task, rate in members]
+        )
+        # the same preprocessors and features for every member: the first one's serve them all
+        first = seqio.get_mixture_or_task(members[0][0])
+        indexed = [member_info[task] for task, _ in members]
+        opener = functools.partial(_indexed, first, indexed, max_examples_per_task)
+        tasks._add_indexed(mixture, added, opener)
         mixtures.append(mixture)
     return P3Registered(tuple(registered), tuple(mixtures))
+
+
+_TRAIN_FEATURES = ("inputs", "hyper_inputs", "teacher_inputs", "targets", "task_id", "category_id")
+
+
+def _indexed(task: seqio.Task, members: list, cap: int | None, seed: int):
+    """The train splits of ``members`` (``(task_dir, task_id, category_id)``), one member per
+    task, capped at ``cap`` rows per epoch as the mixture's rates are
+    (``tasks.IndexedSource``); a row is read and parsed when drawn."""
+    del seed  # the order's, not the rows'
+    files = [IndexedRows(task_dir, "train", task_id, cat) for task_dir, task_id, cat in members]
+
+    def example(member: int, row: int) -> dict:
+        features = files[member].example(row)
+        return {key: features[key] for key in _TRAIN_FEATURES}
+
+    return tasks.IndexedSource(
+        sizes=tuple(len(f) for f in files),
+        example=example,
+        signature={key: _SIGNATURE[key] for key in _TRAIN_FEATURES},
+        preprocess=tasks.task_preprocess(task),
+        cap=cap,
+    )
 
 
 def _capped_rate(task_dir: str, maximum: int, split: str = "train") -> float:

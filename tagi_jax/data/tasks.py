@@ -13,6 +13,11 @@ Names (``prefix`` defaults to ``tagi``):
 * ``{prefix}_c4_pretrain`` — C4 (a, b, c) segments for hypernetwork pretraining.
 * ``{prefix}_p3_<task>`` and the mixtures ``{prefix}_p3_t0_train`` (capped rates) and
   ``{prefix}_p3_t0_eval_score`` — see ``register_p3``.
+
+Next to each seqio Task, registration records how training reads it per host
+(``feature_converter.host_batches``): ``indexed_source`` (natural-instructions tasks, P3 tasks
+and mixtures, local C4 files: examples addressable by index, produced only when drawn) or
+``sequential_source`` (TFDS C4: file order from any example on).
 """
 
 from __future__ import annotations
@@ -20,11 +25,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-
-import seqio
-import tensorflow as tf
+from collections.abc import Callable, Mapping
 
 from tagi_jax.data import c4, errors, ni
+from tagi_jax.data.tf_setup import import_tensorflow
+
+# Before seqio: TensorFlow must never see the accelerators (JAX owns their memory).
+tf = import_tensorflow()
+
+import seqio  # noqa: E402
 
 TEXT_FEATURES = ("inputs", "hyper_inputs", "teacher_inputs", "targets")
 
@@ -54,6 +63,96 @@ def _replace_task(name: str, *args, **kwargs) -> seqio.Task:
 def _replace_mixture(name: str, *args, **kwargs) -> seqio.Mixture:
     seqio.MixtureRegistry.remove(name)
     return seqio.MixtureRegistry.add(name, *args, **kwargs)
+
+
+# --- the per-host training stream: tasks addressable by example index ----------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexedSource:
+    """A registered task's (or mixture's) training examples, addressable as ``(member, row)``:
+    what ``feature_converter.host_batches`` reads only its rows of, from any batch on.
+
+    Attributes:
+      sizes: rows of each member (a natural-instructions task, a P3 task, a C4 file).
+      example: ``(member, row) -> {feature: value}`` the raw example (text, ids) of
+        ``signature``, produced (read, formatted) only when called.
+      signature: the raw example's features.
+      preprocess: ``(dataset, sequence lengths) -> dataset``: the task's seqio preprocessors
+        (tokenization, EOS) over raw examples.
+      cap: at most this many rows of a member per epoch (P3 mixtures), else None.
+    """
+
+    sizes: tuple[int, ...]
+    example: Callable[[int, int], dict]
+    signature: dict[str, tf.TensorSpec]
+    preprocess: Callable[[tf.data.Dataset, Mapping[str, int]], tf.data.Dataset]
+    cap: int | None = None
+
+
+# name -> (the registered provider, opener(seed) -> IndexedSource). The provider guards against
+# a task of the same name registered elsewhere afterwards: that one is not ours to index.
+_INDEXED: dict[str, tuple[object, Callable[[int], IndexedSource]]] = {}
+
+
+def _add_indexed(name: str, provider, opener: Callable[[int], IndexedSource]) -> None:
+    _INDEXED[name] = (provider, opener)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequentialSource:
+    """A registered task's training examples read in one fixed order (TFDS C4, which cannot
+    be read by index without scanning every record): ``examples(start)`` the raw examples
+    from global example ``start`` on, endless; ``preprocess`` as ``IndexedSource``'s."""
+
+    examples: Callable[[int], tf.data.Dataset]
+    preprocess: Callable[[tf.data.Dataset, Mapping[str, int]], tf.data.Dataset]
+
+
+_SEQUENTIAL: dict[str, tuple[object, SequentialSource]] = {}
+
+
+def _registered(name: str):
+    if name in seqio.TaskRegistry.names():
+        return seqio.TaskRegistry.get(name)
+    if name in seqio.MixtureRegistry.names():
+        return seqio.MixtureRegistry.get(name)
+    return None
+
+
+def sequential_source(name: str) -> SequentialSource | None:
+    """The training split of ``name`` read in a fixed order from any example (TFDS C4), or
+    None (see ``indexed_source``)."""
+    entry = _SEQUENTIAL.get(name)
+    if entry is None or _registered(name) is not entry[0]:
+        return None
+    return entry[1]
+
+
+def indexed_source(name: str, seed: int) -> IndexedSource | None:
+    """The training split of task or mixture ``name`` addressable by index (building it reads
+    the data's structure: task files, line ends; no example is formatted or tokenized), or
+    None when ``name`` was not registered here with such a source (TFDS C4, a task registered
+    elsewhere): then only the sequential seqio stream can read it."""
+    entry = _INDEXED.get(name)
+    if entry is None:
+        return None
+    provider, opener = entry
+    if _registered(name) is not provider:
+        return None
+    return opener(seed)
+
+
+def task_preprocess(task: seqio.Task):
+    """``task``'s own seqio preprocessors over raw examples (``IndexedSource.preprocess``)."""
+
+    def preprocess(dataset: tf.data.Dataset, lengths: Mapping[str, int]) -> tf.data.Dataset:
+        dataset = task.preprocess_precache(dataset)
+        dataset = task.preprocess_postcache(dataset, sequence_length=dict(lengths))
+        # what Task.get_dataset's trim_output_features does
+        return seqio.utils.trim_dataset(dataset, dict(lengths), task.output_features)
+
+    return preprocess
 
 
 # --- natural-instructions format (SNI and the built-in suite) -----------------------------
@@ -117,7 +216,7 @@ def register_ni(
         functools.partial(_ni_dataset_fn, data_dir, config, vocabulary, name, num_pos_examples),
         splits=["train", "test"],
     )
-    return _replace_task(
+    task = _replace_task(
         name,
         source=source,
         preprocessors=[
@@ -125,6 +224,50 @@ def register_ni(
             seqio.preprocessors.append_eos_after_trim,
         ],
         output_features=_features(vocabulary),
+    )
+    _add_indexed(
+        name,
+        task,
+        functools.partial(_ni_indexed, task, data_dir, config, vocabulary, name, num_pos_examples),
+    )
+    return task
+
+
+_NI_TRAIN_FEATURES = (
+    "inputs",
+    "hyper_inputs",
+    "teacher_inputs",
+    "targets",
+    "task_id",
+    "category_id",
+)
+
+
+def _ni_indexed(
+    task: seqio.Task,
+    data_dir: str,
+    config: ni.NIConfig,
+    vocabulary,
+    name: str,
+    num_pos_examples: int | None,
+    seed: int,
+) -> IndexedSource:
+    """The train split of a natural-instructions task: the examples ``_ni_dataset_fn`` gives
+    (the same draws with the same seed), one member per task, formatted when read."""
+    if num_pos_examples is not None:
+        config = config.with_pos_examples(num_pos_examples, f"task {name!r}")
+    examples = ni.IndexedExamples(data_dir, "train", config, seed=seed, vocabulary=vocabulary)
+
+    def example(member: int, row: int) -> dict:
+        # ni.IndexedExamples.example: formats this one instance (``ni.format_instance``)
+        formatted = examples.example(member, row)
+        return {key: formatted[key] for key in _NI_TRAIN_FEATURES}
+
+    return IndexedSource(
+        sizes=tuple(examples.sizes),
+        example=example,
+        signature={key: _NI_SIGNATURE[key] for key in _NI_TRAIN_FEATURES},
+        preprocess=task_preprocess(task),
     )
 
 
@@ -137,29 +280,70 @@ def register_c4(
     *,
     files: list[str] | None = None,
     tfds_data_dir: str | None = None,
+    tfds_name: str = "c4/en:3.1.0",
     seed: int = 0,
     max_length: int = 1024,
     min_segment_length: int = c4.DEFAULT_MIN_SEGMENT,
 ) -> seqio.Task:
-    """C4 pretraining from local text/JSONL ``files`` or TFDS ``c4/en`` in ``tfds_data_dir``."""
+    """C4 pretraining from local text/JSONL ``files`` or TFDS ``tfds_name`` (``c4/en``) in
+    ``tfds_data_dir``."""
     if (files is None) == (tfds_data_dir is None):
         raise ValueError("register_c4 needs exactly one of files or tfds_data_dir")
-    source = c4.local_source(files) if files is not None else c4.tfds_source(tfds_data_dir)
-    return _replace_task(
+    if files is not None:
+        source = c4.local_source(files)
+    else:
+        source = c4.tfds_source(tfds_data_dir, tfds_name)
+    split = functools.partial(
+        c4.split_document, seed=seed, max_length=max_length, min_segment_length=min_segment_length
+    )
+    features = _features(vocabulary, ("hyper_inputs", "inputs", "targets"))
+    task = _replace_task(
         name,
         source=source,
         preprocessors=[
             c4.tokenize_text,
-            functools.partial(
-                c4.split_document,
-                seed=seed,
-                max_length=max_length,
-                min_segment_length=min_segment_length,
-            ),
+            split,
             seqio.preprocessors.append_eos_after_trim,
             _add_zero_ids,
         ],
-        output_features=_features(vocabulary, ("hyper_inputs", "inputs", "targets")),
+        output_features=features,
+    )
+    _INDEXED.pop(name, None)
+    _SEQUENTIAL.pop(name, None)
+    preprocess = functools.partial(_c4_preprocess, features, split)
+    if files is not None:
+        _add_indexed(name, task, functools.partial(_c4_indexed, list(files), preprocess))
+    else:
+        examples = functools.partial(c4.tfds_documents, tfds_data_dir, tfds_name)
+        _SEQUENTIAL[name] = (task, SequentialSource(examples, preprocess))
+    return task
+
+
+def _c4_preprocess(features, split, dataset, lengths):
+    """The C4 task's preprocessors but for short documents: split with shorter segments
+    instead of dropped, so that every document is one example (``c4.split_document``'s
+    ``drop_short``): which document is example ``i`` is then known without tokenizing."""
+    dataset = c4.tokenize_text(dataset, features)
+    dataset = split(dataset, drop_short=False)
+    dataset = seqio.preprocessors.append_eos_after_trim(
+        dataset, output_features=features, sequence_length=dict(lengths)
+    )
+    return seqio.utils.trim_dataset(_add_zero_ids(dataset), dict(lengths), features)
+
+
+def _c4_indexed(files: list[str], preprocess, seed: int) -> IndexedSource:
+    """Local C4 files, one member per file, a document read when drawn."""
+    del seed  # the order's; the split points are keyed by the task's own seed
+    documents = c4.IndexedDocuments(files)
+
+    def example(member: int, row: int) -> dict:
+        return {"text": documents.document(member, row)}
+
+    return IndexedSource(
+        sizes=tuple(documents.sizes),
+        example=example,
+        signature={"text": tf.TensorSpec([], tf.string)},
+        preprocess=preprocess,
     )
 
 
@@ -180,6 +364,11 @@ def _add_zero_ids(dataset: tf.data.Dataset) -> tf.data.Dataset:
 class Registered:
     tasks: tuple[str, ...]
     mixtures: tuple[str, ...] = ()
+
+
+def is_registered(name: str) -> bool:
+    """Whether SeqIO knows ``name`` as a task or a mixture."""
+    return name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names()
 
 
 def register_tasks(

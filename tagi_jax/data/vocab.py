@@ -9,9 +9,12 @@ reads no file; a missing ``spiece.model`` is reported when the path is checked b
 
 from __future__ import annotations
 
-import os
+from tagi_jax import paths
+from tagi_jax.data.tf_setup import import_tensorflow
 
-import seqio
+import_tensorflow()  # before seqio: TensorFlow must never see the accelerators
+
+import seqio  # noqa: E402
 
 VOCABULARIES = ("sentencepiece", "byte")
 
@@ -26,8 +29,9 @@ def get_vocabulary(kind: str = "sentencepiece", path: str | None = None, extra_i
         raise ValueError(f"vocabulary kind={kind!r} is not one of {VOCABULARIES}")
     if path is None:
         raise ValueError("vocabulary.path is required for a sentencepiece vocabulary")
-    model = os.path.join(path, "spiece.model") if os.path.isdir(path) else path
-    if not os.path.isfile(model):
+    # seqio reads the model through tf.io.gfile: a gs:// path works as a local one does
+    model = paths.join(path, "spiece.model") if paths.isdir(path) else path
+    if not paths.isfile(model):
         raise FileNotFoundError(f"SentencePiece model not found: {model}")
     return seqio.SentencePieceVocabulary(model, extra_ids=extra_ids)
 

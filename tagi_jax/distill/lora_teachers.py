@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -228,7 +227,9 @@ class TeacherBank:
 
     def save(self, path: str) -> None:
         """One safetensors file; written aside and moved into place (never half-written)."""
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
+
+        from tagi_jax import paths
 
         tensors = {f"a/{k}": np.asarray(v, np.float32) for k, v in self.a.items()}
         tensors |= {f"b/{k}": np.asarray(v, np.float32) for k, v in self.b.items()}
@@ -240,21 +241,27 @@ class TeacherBank:
             "targets": json.dumps(list(self.targets)),
             "group_by": self.group_by,
         }
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        # paths.write_bytes: local files aside then renamed, cloud objects written whole
+        paths.makedirs(paths.dirname(paths.absolute(path)))
+        paths.write_bytes(path, save(tensors, metadata=metadata))
 
     @classmethod
     def load(cls, path: str) -> TeacherBank:
         from safetensors import SafetensorError, safe_open
+        from safetensors.numpy import load
 
-        if not os.path.isfile(path):
+        from tagi_jax import paths
+
+        if not paths.isfile(path):
             raise FileNotFoundError(f"LoRA teacher file does not exist: {path}")
         try:
-            with safe_open(path, framework="numpy") as f:
-                meta = f.metadata() or {}
-                arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+            if paths.is_local(path):  # memory-mapped
+                with safe_open(path, framework="numpy") as f:
+                    meta = f.metadata() or {}
+                    arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+            else:  # cloud storage: one read of the object
+                raw = paths.read_bytes(path)
+                arrays, meta = load(raw), _safetensors_metadata(raw)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"cannot read LoRA teacher file {path}: {e}") from e
         needed = ("index", "rank", "alpha", "targets")
@@ -307,3 +314,9 @@ class TeacherBank:
             scale=self.scale,
         )
         return adapters, jnp.asarray(keep)
+
+
+def _safetensors_metadata(raw: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors file's header (an 8-byte length, then JSON)."""
+    size = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + size]).get("__metadata__", {})

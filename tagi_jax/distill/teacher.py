@@ -11,11 +11,11 @@ different widths silently.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
 
+from tagi_jax import paths
 from tagi_jax.convert import hf_t5, param_checkpoint
 from tagi_jax.models import t5
 from tagi_jax.models.t5_config import T5Config
@@ -31,8 +31,9 @@ class LogitTeacher:
 def load_teacher(
     path: str, *, mesh=None, axis_rules: AxisRules = DEFAULT_RULES, **config_overrides
 ) -> LogitTeacher:
-    """A teacher from a tagi_jax parameter checkpoint or a local HF T5 directory."""
-    if os.path.exists(os.path.join(path, param_checkpoint.CONFIG_FILE)):
+    """A teacher from a tagi_jax parameter checkpoint (local or cloud) or a local HF T5
+    directory."""
+    if paths.exists(paths.join(path, param_checkpoint.CONFIG_FILE)):
         config, params = param_checkpoint.load(path, mesh=mesh, axis_rules=axis_rules)
         if config_overrides:
             config = config.replace(**config_overrides)

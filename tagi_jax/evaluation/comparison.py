@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import json
-import os
+import tempfile
 import time
 
 import jax
 import numpy as np
 
+from tagi_jax import paths
 from tagi_jax.data.ni import NIConfig
 
 
@@ -245,9 +247,9 @@ def write(
     "validation")."""
     from tagi_jax.evaluation import plots
 
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {
-        name: os.path.join(out_dir, name)
+    paths.makedirs(out_dir)
+    files = {
+        name: paths.join(out_dir, name)
         for name in ("results.md", "results.json", "predictions.jsonl", "results.png")
     }
     md = [*preamble, *table(results, reference), ""]
@@ -259,33 +261,36 @@ def write(
     ]
     md += ["", "## The rows", ""]
     md += [f"- **{label}**: {r['row']['about']}" for label, r in results.items()]
-    _write_text(paths["results.md"], "\n".join(md) + "\n")
+    _write_text(files["results.md"], "\n".join(md) + "\n")
     summary = {
         label: {k: v for k, v in r.items() if k not in ("predictions", "examples")}
         for label, r in results.items()
     }
-    _write_text(paths["results.json"], json.dumps(summary, indent=2) + "\n")
-    with open(paths["predictions.jsonl"], "w", encoding="utf-8") as f:
+    _write_text(files["results.json"], json.dumps(summary, indent=2) + "\n")
+    with io.StringIO() as f:
         for label, r in results.items():
             for example, prediction in zip(r["examples"], r["predictions"], strict=True):
                 line = {"model": label, **example, "prediction": prediction}
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
-    plots.write_figure(
-        paths["results.png"],
-        {
-            label: {k: v["rougeL"] for k, v in r["per_category"].items()}
-            for label, r in results.items()
-        },
-        curves or {},
-        title=title,
-        curves_label="training cross-entropy",
-        scores_label=f"{tasks} ROUGE-L",
-    )
-    return paths
+        _write_text(files["predictions.jsonl"], f.getvalue())
+    figure = files["results.png"]
+    with tempfile.TemporaryDirectory() as local:
+        # matplotlib writes local files: a figure for cloud storage is drawn here, then copied
+        plots.write_figure(
+            paths.join(local, "results.png") if paths.is_uri(figure) else figure,
+            {
+                label: {k: v["rougeL"] for k, v in r["per_category"].items()}
+                for label, r in results.items()
+            },
+            curves or {},
+            title=title,
+            curves_label="training cross-entropy",
+            scores_label=f"{tasks} ROUGE-L",
+        )
+        if paths.is_uri(figure):
+            paths.copyfile(paths.join(local, "results.png"), figure)
+    return files
 
 
 def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    paths.write_text(path, text)  # atomic: a temporary file and a rename, or one object

@@ -3,7 +3,7 @@ training read.
 
 ``evaluate_p3`` reads an export (``python -m tagi_jax.export``) and the ``_score_eval`` tasks of
 a rendered P3 directory, ranks every instance's answer choices (``p3_eval.score_choices``:
-adapters generated per prompt) and writes to ``output_dir``:
+adapters generated per prompt) and writes to ``output_dir`` (local or ``gs://...``):
 
 * ``results.json``: the settings, ``per_task`` accuracy (percent), ``per_dataset`` mean and
   median over templates, ``averages`` (MTest11, HyperT5, with ``partial``/``missing`` where
@@ -28,8 +28,8 @@ the template, the dataset and the field.
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import gin
 
-from tagi_jax import gin_check
+from tagi_jax import gin_check, paths
 
 if TYPE_CHECKING:
     from tagi_jax.data.p3 import RenderCounts
@@ -51,11 +51,10 @@ TRAIN_SPLIT = "train"
 
 
 def _manifest(shared_p3: str) -> list[dict]:
-    path = os.path.join(shared_p3, "manifest.json")
-    if not os.path.isfile(path):
+    path = paths.join(shared_p3, "manifest.json")
+    if not paths.isfile(path):
         raise FileNotFoundError(f"no manifest.json in {shared_p3}: not the shared P3 folder?")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return paths.read_json(path)
 
 
 def render_layout(
@@ -122,11 +121,11 @@ def render_layout(
     counts = p3.RenderCounts()
     for name in train_datasets:
         entry = train_raw[name]
-        templates = os.path.join(shared_p3, entry["templates"])
+        templates = paths.join(shared_p3, entry["templates"])
         keep = first(templates, lambda t: True)
         counts.merge(
             p3.render_dataset(
-                os.path.join(shared_p3, entry["file"]),
+                paths.join(shared_p3, entry["file"]),
                 templates,
                 out_dir,
                 split=TRAIN_SPLIT,
@@ -138,12 +137,12 @@ def render_layout(
         )
     for name in eval_datasets:
         entry = raw_map[name]
-        templates = os.path.join(shared_p3, entry["templates"])
+        templates = paths.join(shared_p3, entry["templates"])
         # T0's evaluation prompts: the templates of the dataset's original task
         keep = first(templates, lambda t: bool(t.original_task) and t.answer_choices is not None)
         counts.merge(
             p3.render_dataset(
-                os.path.join(shared_p3, entry["raw"]),
+                paths.join(shared_p3, entry["raw"]),
                 templates,
                 out_dir,
                 split=entry["split"],
@@ -181,7 +180,7 @@ def _check_datasets(datasets: Sequence[str]) -> list[str]:
 def _write_predictions(path, instances, scores, base_scores) -> None:
     from tagi_jax.evaluation import p3_eval
 
-    with open(path, "w", encoding="utf-8") as f:
+    with io.StringIO() as f:
         for i, instance in enumerate(instances):
             predicted = p3_eval.predict(scores[i])
             line = {
@@ -202,6 +201,7 @@ def _write_predictions(path, instances, scores, base_scores) -> None:
                     "base_correct": base_predicted == instance.gold,
                 }
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        paths.write_text(path, f.getvalue())
 
 
 def _print_summary(label: str, summary: dict) -> None:
@@ -251,10 +251,10 @@ def evaluate_p3(
     from tagi_jax.evaluation import p3_eval
 
     start = time.time()
-    export_dir, p3_dir = os.path.abspath(export_dir), os.path.abspath(p3_dir)
-    output_dir = os.path.abspath(output_dir)
+    export_dir, p3_dir = paths.absolute(export_dir), paths.absolute(p3_dir)
+    output_dir = paths.absolute(output_dir)
     data = export_format.read_data(export_dir)  # a missing / incomplete export fails here
-    if not os.path.isdir(p3_dir):
+    if not paths.isdir(p3_dir):
         raise FileNotFoundError(f"evaluate_p3.p3_dir: P3 directory does not exist: {p3_dir}")
     if score not in p3_eval.SCORES:
         raise ValueError(f"evaluate_p3.score must be one of {p3_eval.SCORES}, got {score!r}")
@@ -332,16 +332,13 @@ def evaluate_p3(
         base = p3_eval.summarize(instances, [p3_eval.predict(s) for s in base_scores])
         report["base"] = base
 
-    os.makedirs(output_dir, exist_ok=True)
-    _write_predictions(
-        os.path.join(output_dir, "predictions.jsonl"), instances, scores, base_scores
-    )
-    with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(p3_eval.markdown_table(summary, f"TAGI ({export_dir}, {split}, score {score})"))
-        if base is not None:
-            f.write("\n" + p3_eval.markdown_table(base, "backbone alone, no adapters"))
+    paths.makedirs(output_dir)
+    _write_predictions(paths.join(output_dir, "predictions.jsonl"), instances, scores, base_scores)
+    paths.write_json(paths.join(output_dir, "results.json"), report, sort_keys=False)
+    markdown = p3_eval.markdown_table(summary, f"TAGI ({export_dir}, {split}, score {score})")
+    if base is not None:
+        markdown += "\n" + p3_eval.markdown_table(base, "backbone alone, no adapters")
+    paths.write_text(paths.join(output_dir, "results.md"), markdown)
 
     for dataset, entry in summary["per_dataset"].items():
         print(f"  {dataset}: mean {entry['mean']:.2f} median {entry['median']:.2f}")

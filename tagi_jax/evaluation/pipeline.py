@@ -4,7 +4,8 @@ natural-instructions tasks.
 Reads an export (``tagi_jax.artifacts.export_format``), takes its defaults from it, formats a
 split of a natural-instructions directory (SNI's layout or the built-in suite of
 ``tagi_jax.data.synthetic.write_suite``) with ``ni.iter_examples``, decodes greedily with
-adapters generated once per task (``ni_eval.evaluate``) and writes to ``OUTPUT_DIR``:
+adapters generated once per task (``ni_eval.evaluate``) and writes to ``OUTPUT_DIR`` (local or
+``gs://...``; the export may be in cloud storage too):
 
 * ``results.json``: ``overall``, ``per_category`` and ``per_task`` ROUGE-L / exact match (percent)
   and the settings; with ``evaluate.compare_base = True`` also ``base``, the backbone alone.
@@ -20,13 +21,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import json
-import os
 import time
 
 import gin
 
-from tagi_jax import gin_check
+from tagi_jax import gin_check, paths
 from tagi_jax.data.ni import NIConfig
 
 
@@ -60,9 +61,9 @@ def write_report(
     from tagi_jax.evaluation import ni_metrics
 
     header = header or {}
-    os.makedirs(output_dir, exist_ok=True)
-    predictions_path = os.path.join(output_dir, "predictions.jsonl")
-    with open(predictions_path, "w", encoding="utf-8") as f:
+    paths.makedirs(output_dir)
+    predictions_path = paths.join(output_dir, "predictions.jsonl")
+    with io.StringIO() as f:
         for i, example in enumerate(examples):
             line = {
                 "task_name": example["task_name"],
@@ -80,19 +81,19 @@ def write_report(
                     "base_exact_match": scores["exact_match"],
                 }
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        paths.write_text(predictions_path, f.getvalue())
     report = {
         **header,
         **_summary(results),
-        "predictions_file": os.path.basename(predictions_path),
+        "predictions_file": paths.basename(predictions_path),
     }
     if base is not None:
         report["base"] = _summary(base)
-    with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(ni_metrics.markdown_table(results, title))
-        if base is not None:
-            f.write("\n" + ni_metrics.markdown_table(base, "backbone alone, no adapters"))
+    paths.write_json(paths.join(output_dir, "results.json"), report, sort_keys=False)
+    markdown = ni_metrics.markdown_table(results, title)
+    if base is not None:
+        markdown += "\n" + ni_metrics.markdown_table(base, "backbone alone, no adapters")
+    paths.write_text(paths.join(output_dir, "results.md"), markdown)
 
     return report
 
@@ -150,14 +151,14 @@ def evaluate(
     from tagi_jax.evaluation import ni_eval
 
     start = time.time()
-    export_dir, task_dir = os.path.abspath(export_dir), os.path.abspath(task_dir)
-    output_dir = os.path.abspath(output_dir)
+    export_dir, task_dir = paths.absolute(export_dir), paths.absolute(task_dir)
+    output_dir = paths.absolute(output_dir)
     if ni is None:
         configurables.ni_config()  # so that NIConfig's bindings count as read by this stage
     gin_check.check_bindings_used("evaluate")
     data = export_format.read_data(export_dir)  # a missing / incomplete export fails here
     ni = _ni_for_export(data, ni)
-    if not os.path.isdir(task_dir):
+    if not paths.isdir(task_dir):
         raise FileNotFoundError(f"task directory does not exist: {task_dir}")
     if batch_size < 1:
         raise ValueError(f"evaluate.batch_size must be >= 1, got {batch_size}")

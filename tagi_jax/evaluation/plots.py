@@ -12,8 +12,11 @@ metadata, so the same inputs give byte-identical files.
 
 from __future__ import annotations
 
+import io
 import math
 import os
+
+from tagi_jax import paths
 
 _WIDTH_IN, _HEIGHT_IN, _DPI = 14.0, 6.0, 100
 # Per-bar value labels stop being readable (and start overlapping) beyond this many bars.
@@ -179,15 +182,9 @@ def write_figure(
         curves_ax.set_xticks([])
         curves_ax.set_yticks([])
 
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = path + ".tmp"
-    try:
-        # "Software": None drops the matplotlib version, the only varying PNG metadata.
-        fig.savefig(tmp, format="png", dpi=_DPI, metadata={"Software": None})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    paths.makedirs(paths.dirname(paths.absolute(path)))
+    png = io.BytesIO()
+    # "Software": None drops the matplotlib version, the only varying PNG metadata.
+    fig.savefig(png, format="png", dpi=_DPI, metadata={"Software": None})
+    paths.write_bytes(path, png.getvalue())  # atomic: aside and renamed, or one object
     return path

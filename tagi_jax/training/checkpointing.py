@@ -19,7 +19,6 @@ polls: it saves a checkpoint at the current step and exits cleanly.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import signal
@@ -30,6 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tagi_jax import paths
 from tagi_jax.artifacts import export_format
 
 # <model_dir>/checkpoints/<step>/{state,meta} and <model_dir>/run.json (what `tagi_jax.export`
@@ -128,8 +128,9 @@ class Checkpointer:
         run_fingerprints: dict[str, Any] | None = None,
         optimizer: dict[str, Any] | None = None,
     ):
-        self.model_dir = os.path.abspath(model_dir)
-        self.directory = os.path.join(self.model_dir, CHECKPOINTS_DIR)
+        # A URI (gs://) reaches orbax unchanged: orbax writes cloud storage itself.
+        self.model_dir = paths.absolute(model_dir)
+        self.directory = paths.join(self.model_dir, CHECKPOINTS_DIR)
         self.fingerprint = fingerprint(config_json)
         self.run_fingerprints = dict(run_fingerprints or {})
         self.optimizer = optimizer
@@ -280,12 +281,12 @@ class Checkpointer:
             )
 
     def _set_aside(self, steps: list[int], fallback: int) -> None:
-        aside = os.path.join(self.model_dir, CORRUPT_DIR)
+        aside = paths.join(self.model_dir, CORRUPT_DIR)
         if jax.process_index() == 0:
-            os.makedirs(aside, exist_ok=True)
+            paths.makedirs(aside)
             for step in steps:
-                target = os.path.join(aside, f"{step}-{int(time.time())}")
-                os.replace(os.path.join(self.directory, str(step)), target)
+                target = paths.join(aside, f"{step}-{int(time.time())}")
+                paths.move_dir(paths.join(self.directory, str(step)), target)
                 print(
                     f"checkpoint step {step} is corrupt: moved aside to {target}; resuming from "
                     f"step {fallback}",
@@ -321,17 +322,22 @@ class RunLock:
     directory fails at once instead of writing the same steps twice. ``flock`` is released by
     the kernel when the holder dies (kill -9 included), so a crashed run never leaves a stale
     lock. Local and NFS paths; the holder's pid and host are written into the file for the
-    error message."""
+    error message. Cloud storage has no such lock: a ``gs://`` directory is not locked (one
+    line says so), and keeping a second job off it is the scheduler's job."""
 
     def __init__(self, model_dir: str):
-        self.path = os.path.join(os.path.abspath(model_dir), LOCK_FILE)
+        self.directory = paths.absolute(model_dir)
+        self.path = paths.join(self.directory, LOCK_FILE)
         self._file = None
 
     def __enter__(self):
         import fcntl
         import socket
 
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        if paths.is_uri(self.directory):
+            print(f"note: {self.directory} is cloud storage: no trainer lock on it", flush=True)
+            return self
+        os.makedirs(self.directory, exist_ok=True)
         handle = open(self.path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -340,8 +346,8 @@ class RunLock:
             holder = handle.read().strip() or "unknown"
             handle.close()
             raise RunLockedError(
-                f"another trainer is running on {os.path.dirname(self.path)} ({holder}); wait "
-                "for it to finish or stop it, or use another MODEL_DIR"
+                f"another trainer is running on {self.directory} ({holder}); wait for it to "
+                "finish or stop it, or use another MODEL_DIR"
             ) from None
         handle.seek(0)
         handle.truncate()
@@ -358,28 +364,44 @@ class RunLock:
 
 
 class PreemptionGuard:
-    """Records SIGTERM instead of dying, so the loop can checkpoint and exit (context manager)."""
+    """When to checkpoint and stop for a preemption (context manager).
+
+    One process: SIGTERM is recorded instead of killing it, and ``should_stop(step)`` is True
+    from the next step on. Several processes (``jax.distributed``): a SIGTERM reaches one host,
+    or each at a different time, and a host that decided alone would wait forever in the
+    collective save. JAX's preemption service (started by ``jax.distributed.initialize``,
+    listening for SIGTERM itself) propagates the notice to every host and picks one safe step
+    for all; ``should_stop`` is its ``reached_preemption_sync_point`` and must be called at
+    every step on every host. No Python handler is installed then: it would replace the
+    service's own.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._coordinated = False
 
     def _handler(self, signum, frame):
         del signum, frame
         self.requested = True
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGTERM, self._handler)
+        self._coordinated = jax.distributed.is_initialized()
+        if not self._coordinated:
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
         return self
 
+    def should_stop(self, step: int) -> bool:
+        """True at the step where this process (with all the others) saves and stops."""
+        if self._coordinated:
+            from jax.experimental import multihost_utils
+
+            self.requested = self.requested or multihost_utils.reached_preemption_sync_point(
+                int(step)
+            )
+        return self.requested
+
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self._previous)
+        if not self._coordinated:
+            signal.signal(signal.SIGTERM, self._previous)
         return False
-
-
-def write_json(path: str, value: Any) -> None:
-    """Atomic JSON write (temporary file, then rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)

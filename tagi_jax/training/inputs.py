@@ -1,11 +1,17 @@
 """What the trainer feeds the model: the gin ``DataConfig``, the SeqIO batch stream and its
 placement on the mesh as global arrays.
 
-Every host reads the same seed-ordered stream of *global* batches and puts only the rows its own
-devices hold onto them (``jax.make_array_from_callback``). So the global batch, and with it the
-loss, does not depend on how many hosts or devices there are, and a run resumed on another
-topology continues the same data order. The price is that each host tokenizes the whole global
-batch; at the batch sizes of TAGI fine-tuning (8-32 per step) that is far below a step's time.
+``TrainInput`` (what the loop reads): global batch ``b`` is examples ``[b * B, (b + 1) * B)``
+of a stream that is a function of the seed and the example index alone
+(``feature_converter.host_batches``), and each process reads, formats and tokenizes only the
+rows its own devices hold (``local_rows``) and places them (``place_local``). So the global
+batch, and with it the loss, does not depend on how many hosts or devices there are; a run
+resumed on another topology continues the same data order; and a resume at batch ``k`` starts
+the stream there by index instead of producing the ``k`` batches before it.
+
+``train_batches`` is the older whole-batch stream (the sequential seqio pipeline, every host
+reading every row, a resume replaying the batches before it), kept for tools and tests that
+want whole global batches; ``to_global`` places such a batch.
 TensorFlow and SeqIO stay inside ``tagi_jax.data``; they are imported here only inside functions.
 """
 
@@ -186,9 +192,9 @@ def preflight(data: DataConfig) -> None:
 def _check_registered(task: str) -> None:
     """A task name ``register_data`` does not give must be registered already (by the run's
     own imports), or training would fail after the model is built."""
-    import seqio
+    from tagi_jax.data import tasks
 
-    if task not in seqio.TaskRegistry.names() and task not in seqio.MixtureRegistry.names():
+    if not tasks.is_registered(task):
         raise DataError(
             f"DataConfig.task={task!r} names no task: use tagi_sni_<variant> (sni_dir), "
             f"tagi_suite_<variant> (suite_dir), variants {sorted(ni_lib.TASK_VARIANTS)}, "
@@ -235,7 +241,9 @@ def register_data(data: DataConfig, vocabulary) -> None:
 def train_batches(
     data: DataConfig, batch_size: int, seed: int, skip: int, *, with_teacher: bool = False
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Endless global numpy batches of the training split in a seed-fixed order, after ``skip``.
+    """Endless global numpy batches of the training split in a seed-fixed order, after ``skip``
+    (replayed: produced and dropped); the sequential seqio stream, whose order is not
+    ``TrainInput``'s.
 
     ``with_teacher`` keeps the teacher's input stream (``teacher_input_tokens``) for the KL
     terms; without it that stream is not built at all.
@@ -255,6 +263,143 @@ def train_batches(
     for _ in range(skip):
         next(batches)
     yield from batches
+
+
+def local_rows(mesh, batch_size: int, rules=partitioning.DEFAULT_RULES) -> np.ndarray:
+    """The rows of a global batch this process's devices hold (sorted global row indices):
+    what it reads. With the batch over the data-parallel axes, process ``p`` of ``n`` holding
+    its devices in mesh order gets ``[p * B / n, (p + 1) * B / n)``; a process whose devices
+    replicate rows (a model axis across processes) reads those rows too."""
+    sharding = batch_sharding(mesh, 1, rules)
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((batch_size,)).values():
+        rows.update(range(*index[0].indices(batch_size)))
+    return np.asarray(sorted(rows), np.int64)
+
+
+def place_local(value, sharding, rows, batch_size: int, *, batch_axis: int = 0) -> jax.Array:
+    """A global array from this process's ``rows`` (``value``'s ``batch_axis`` holds them, in
+    ``rows``' order); the global array has ``batch_size`` there. Each device takes its slice
+    of the rows this process read; asking for a row it did not read is an error."""
+    value = np.asarray(value)
+    rows = np.asarray(rows, np.int64)
+    if value.shape[batch_axis] != len(rows):
+        raise ValueError(
+            f"axis {batch_axis} of a {value.shape} value holds {value.shape[batch_axis]} rows, "
+            f"this process read {len(rows)}"
+        )
+    position = np.full(batch_size, -1, np.int64)
+    position[rows] = np.arange(len(rows))
+    shape = value.shape[:batch_axis] + (batch_size,) + value.shape[batch_axis + 1 :]
+
+    def fetch(index):
+        index = list(index)
+        wanted = position[index[batch_axis]]
+        if np.any(wanted < 0):
+            raise ValueError(
+                f"a device of this process holds rows {np.arange(batch_size)[index[batch_axis]]} "
+                f"of the batch, this process read {rows}: the sharding does not split the "
+                "batch as batch_sharding does"
+            )
+        if len(wanted) and np.all(np.diff(wanted) == 1):  # contiguous: a view, no copy
+            wanted = slice(int(wanted[0]), int(wanted[-1]) + 1)
+        index[batch_axis] = wanted
+        return value[tuple(index)]
+
+    return jax.make_array_from_callback(shape, sharding, fetch)
+
+
+class TrainInput:
+    """This process's share of the training stream, placed as global arrays.
+
+    Each process reads, formats and tokenizes only the rows of each global batch its own
+    devices hold (``local_rows``), and a run resumed at ``start_batch`` starts the stream
+    there by example index, without producing the batches before it
+    (``feature_converter.host_batches``; tasks that cannot be indexed, TFDS C4, fall back to
+    the replayed whole-batch stream). The global batch, and the loss, do not depend on the
+    number of processes.
+
+    ``next()`` gives ``(local, arrays)``: ``local`` the numpy rows this process read (every
+    feature, ``task_id``/``category_id`` included, ``len(self.rows)`` rows in ``self.rows``'
+    order) and ``arrays`` the global ``jax.Array`` of each of ``keys`` (``MODEL_FEATURES``, and
+    ``teacher_input_tokens`` with ``with_teacher``), rows over the data-parallel axes.
+    ``position`` is the global batch the next ``next()`` gives (``start_batch`` + batches
+    given): what a checkpoint records. Close it (``close()`` or ``with``) when done.
+    """
+
+    def __init__(
+        self,
+        data: DataConfig,
+        batch_size: int,
+        seed: int,
+        mesh,
+        rules=partitioning.DEFAULT_RULES,
+        *,
+        start_batch: int = 0,
+        with_teacher: bool = False,
+    ):
+        from tagi_jax.data import feature_converter
+
+        self.mesh, self.rules = mesh, rules
+        self.batch_size = batch_size
+        self.rows = local_rows(mesh, batch_size, rules)
+        self.keys = MODEL_FEATURES + (("teacher_input_tokens",) if with_teacher else ())
+        self.position = start_batch
+        vocabulary = make_vocabulary(data)
+        register_data(data, vocabulary)
+        self._batches = feature_converter.host_batches(
+            data.task,
+            dict(data.feature_lengths),
+            batch_size,
+            seed=seed,
+            with_teacher=with_teacher,
+            rows=self.rows,
+            start_batch=start_batch,
+            source=_source(data),
+        )
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[dict[str, np.ndarray], dict[str, jax.Array]]:
+        local = next(self._batches)
+        self.position += 1
+        arrays = {
+            key: self.place_local(
+                local[key], batch_sharding(self.mesh, local[key].ndim, self.rules)
+            )
+            for key in self.keys
+        }
+        return local, arrays
+
+    def place_local(self, value, sharding, *, batch_axis: int = 0) -> jax.Array:
+        """A global array from values of this process's rows (``place_local``): e.g. each
+        local example's teacher LoRA, looked up by the local batch's ``task_id``."""
+        return place_local(value, sharding, self.rows, self.batch_size, batch_axis=batch_axis)
+
+    @property
+    def tokens_scale(self) -> float:
+        """Global batch rows per local row: ``local_tokens(...) * tokens_scale`` estimates the
+        global batch's tokens (exact when every process's rows hold as many)."""
+        return self.batch_size / len(self.rows)
+
+    @staticmethod
+    def local_tokens(local: Mapping[str, np.ndarray]) -> int:
+        """Target (loss) plus non-padding encoder tokens of this process's rows."""
+        return int(local["decoder_loss_weights"].sum()) + int(
+            (local["encoder_input_tokens"] > 0).sum()
+        )
+
+    def close(self) -> None:
+        """Ends the input pipeline now (not at interpreter exit, where a tf.data iterator
+        finalised during shutdown can abort the process)."""
+        self._batches.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _source(data: DataConfig) -> str:

@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import os
 from typing import Any
 
 import gin
@@ -25,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tagi_jax import gin_check
+from tagi_jax import paths as paths_lib
 from tagi_jax.artifacts import backbone, export_format
 from tagi_jax.distill import losses
 from tagi_jax.distill import teacher as teacher_lib
@@ -74,7 +74,7 @@ def _check_args(batch_size, grad_accum_steps, on_nonfinite, loss, paths) -> None
             f"train.grad_accum_steps={grad_accum_steps}"
         )
     for name, path in paths.items():
-        if path is not None and not os.path.exists(path):
+        if path is not None and not paths_lib.exists(path):
             raise FileNotFoundError(f"train.{name} does not exist: {path}")
     if (loss.kl_weight or loss.standardized_kl_weight) and paths["teacher_checkpoint"] is None:
         raise ValueError("LossConfig weights the KL terms but train.teacher_checkpoint is unset")
@@ -86,18 +86,17 @@ def _check_args(batch_size, grad_accum_steps, on_nonfinite, loss, paths) -> None
 
 
 def _write_run_files(model_dir, model, data, paths, seed, batch_size, train_steps):
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, "config.gin"), "w") as f:
-        f.write(gin.config_str())
-    checkpointing.write_json(
-        os.path.join(model_dir, RUN_FILE),
+    paths_lib.makedirs(model_dir)
+    paths_lib.write_text(paths_lib.join(model_dir, "config.gin"), gin.config_str())
+    paths_lib.write_json(
+        paths_lib.join(model_dir, RUN_FILE),
         {
             "model": model.to_dict(),
             "base_checkpoint": paths["base_checkpoint"]
-            and os.path.abspath(paths["base_checkpoint"]),
-            "init_from": paths["init_from"] and os.path.abspath(paths["init_from"]),
+            and paths_lib.absolute(paths["base_checkpoint"]),
+            "init_from": paths["init_from"] and paths_lib.absolute(paths["init_from"]),
             "instruction_encoder_checkpoint": paths["instruction_encoder_checkpoint"]
-            and os.path.abspath(paths["instruction_encoder_checkpoint"]),
+            and paths_lib.absolute(paths["instruction_encoder_checkpoint"]),
             "seed": seed,
             "data": dataclasses.asdict(data),
             "batch_size": batch_size,
@@ -156,15 +155,14 @@ def _calibrated_loss(loss, model_dir, start, main, jit_term_gradients, state, fr
     alignment's gradient norm is ``alignment_grad_ratio`` times the weighted CE's. Measured
     once (before the first update, on the state the run starts from) and written to
     ``CALIBRATION_FILE``; a resumed run reads it back, so the objective never changes midway."""
-    path = os.path.join(model_dir, CALIBRATION_FILE)
+    path = paths_lib.join(model_dir, CALIBRATION_FILE)
     if start > 0:
-        if not os.path.isfile(path):
+        if not paths_lib.isfile(path):
             raise FileNotFoundError(
                 f"{path} is missing: this run calibrated its alignment weight at step 0 and "
                 "cannot resume with the same objective without it"
             )
-        with open(path) as f:
-            weight = float(json.load(f)["alignment_weight"])
+        weight = float(paths_lib.read_json(path)["alignment_weight"])
         return dataclasses.replace(loss, alignment_weight=weight)
     if not loss.ce_weight:
         raise ValueError(
@@ -187,7 +185,7 @@ def _calibrated_loss(loss, model_dir, start, main, jit_term_gradients, state, fr
         "configured_alignment_weight": loss.alignment_weight,
     }
     if main:
-        checkpointing.write_json(path, record)
+        paths_lib.write_json(path, record)
         print(
             f"alignment weight calibrated to {weight:.4g}: at the start its gradient norm was "
             f"{align / ce:.3g} x CE's at weight {loss.alignment_weight:g}, now "
@@ -267,14 +265,16 @@ class _TeacherAdapters:
         self.id_key = "task_id" if self.bank.group_by == "task" else "category_id"
         self.mesh, self.rules = mesh, rules
 
-    def __call__(self, numpy_batch) -> dict[str, Any]:
+    def __call__(self, numpy_batch, train_input: inputs.TrainInput) -> dict[str, Any]:
+        """``numpy_batch``: this process's rows (``train_input.rows`` of the global batch)."""
         ids = np.asarray(numpy_batch[self.id_key]).reshape(-1)
         if ids.max(initial=0) >= len(self.names):
             raise ValueError(f"{self.id_key} {ids.max()} is beyond the {len(self.names)} names")
         adapters, keep = self.bank.adapters_for(list(self.names[ids]), skip_missing=True)
 
         def place(value, axes):
-            return inputs.place(value, partitioning.named_sharding(self.mesh, axes, self.rules))
+            sharding = partitioning.named_sharding(self.mesh, axes, self.rules)
+            return train_input.place_local(value, sharding, batch_axis=axes.index("batch"))
 
         a, b = {}, {}
         for name in adapters.a:
@@ -362,7 +362,7 @@ def train(
     inputs.preflight(data)
     distributed_lib.initialize(distributed)
     main = distributed_lib.is_main_process()
-    os.makedirs(model_dir, exist_ok=True)
+    paths_lib.makedirs(model_dir)
     # One trainer per directory (the main process holds the lock for all of them).
     with checkpointing.RunLock(model_dir) if main else contextlib.nullcontext():
         return _train(**locals())
@@ -472,7 +472,7 @@ def _train(
         print(
             f"{model_dir} already finished its {train_steps} steps (nothing to train): set "
             f"TRAIN_STEPS above {train_steps} to train further; the export is "
-            f"{'rewritten' if not os.path.isdir(os.path.join(model_dir, EXPORT_DIR)) else 'kept'}",
+            f"{'rewritten' if not paths_lib.isdir(paths_lib.join(model_dir, EXPORT_DIR)) else 'kept'}",
             flush=True,
         )
     elif main:
@@ -524,8 +524,16 @@ def _train(
 
     compiled = term_gradients = None
     skipped = 0  # consecutive non-finite batches (on_nonfinite="skip")
-    batches = train_batches(
-        data, batch_size, seed, skip=position, with_teacher=teacher_fn is not None
+    # Each process reads only its devices' rows of the global batch, and a resumed run starts
+    # at its position by index (nothing before it is formatted or tokenized).
+    train_input = inputs.TrainInput(
+        data,
+        batch_size,
+        seed,
+        mesh,
+        rules,
+        start_batch=position,
+        with_teacher=teacher_fn is not None,
     )
     progress = None
     last: dict[str, float] = {}
@@ -533,18 +541,15 @@ def _train(
     try:
         with checkpointing.PreemptionGuard() as guard, partitioning.use_mesh(mesh, rules):
             while step < train_steps:
-                numpy_batch = next(batches)
+                numpy_batch, batch = next(train_input)  # this process's rows; global arrays
                 position += 1
-                batch = inputs.to_global(numpy_batch, MODEL_FEATURES, mesh, rules)
                 if teacher_fn is not None:
-                    teacher_tokens = inputs.to_global(
-                        numpy_batch, ("teacher_input_tokens",), mesh, rules
-                    )["teacher_input_tokens"]
+                    teacher_tokens = batch.pop("teacher_input_tokens")
                     batch["teacher_logits"] = teacher_fn(
                         teacher_tokens, batch["decoder_input_tokens"]
                     )
                 if teacher_adapters is not None:
-                    batch.update(teacher_adapters(numpy_batch))
+                    batch.update(teacher_adapters(numpy_batch, train_input))
                 if compiled is None:
                     if calibrate_alignment(loss):
                         loss = _calibrated_loss(
@@ -603,16 +608,17 @@ def _train(
                 skipped = 0
                 step += 1
                 last = values
+                # this process's tokens, scaled to the global batch
                 progress.count(
-                    int(numpy_batch["decoder_loss_weights"].sum())
-                    + int((numpy_batch["encoder_input_tokens"] > 0).sum())
+                    round(train_input.local_tokens(numpy_batch) * train_input.tokens_scale)
                 )
                 if step % log_every == 0 or step == train_steps:
                     values["learning_rate"] = float(learning_rate(step))
                     last = progress.log(step, values)
-                if step % save_every == 0 or guard.requested or step == train_steps:
+                preempted = guard.should_stop(step)  # every step, on every host
+                if step % save_every == 0 or preempted or step == train_steps:
                     ckpt.save(step, state, examples=position * batch_size)
-                if guard.requested:
+                if preempted:
                     progress.message(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting")
                     break
                 if stop_after is not None and step - start >= stop_after:
@@ -621,17 +627,20 @@ def _train(
         # Close the input pipeline now, not at interpreter exit: a tf.data iterator finalised
         # during shutdown (after an error ended the loop) can abort the process
         # ("terminate called without an active exception") instead of exiting with the error.
-        batches.close()
+        train_input.close()
         if progress is not None:
             progress.close()
         ckpt.close()
-    already_exported = start == train_steps and os.path.isdir(os.path.join(model_dir, EXPORT_DIR))
+    already_exported = start == train_steps and paths_lib.isdir(
+        paths_lib.join(model_dir, EXPORT_DIR)
+    )
     if step == train_steps and not already_exported:
         full = state_lib.merge(state.trainable, frozen, structure)
         export_params(model_dir, model, full, data, step)
         if main:
-            with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
-                f.write(gin.operative_config_str())
+            paths_lib.write_text(
+                paths_lib.join(model_dir, "operative_config.gin"), gin.operative_config_str()
+            )
             where = progress.metrics_path if progress is not None else model_dir
             print(f"checkpoints in {ckpt.directory}, metrics in {where} and tensorboard/")
     return last
@@ -642,12 +651,12 @@ def export_params(model_dir: str, model: TagiConfig, params, data: DataConfig, s
     (``export_format``), backbone, vocabulary and data settings included, so that a finished
     run is usable (and copyable) as it stands. Written aside and moved into place."""
     return export_format.save(
-        os.path.join(os.path.abspath(model_dir), EXPORT_DIR),
+        paths_lib.join(paths_lib.absolute(model_dir), EXPORT_DIR),
         model,
         params,
         vocabulary=data.vocabulary,
         data=export_format.data_settings(dataclasses.asdict(data)),
-        info={"step": int(step), "model_dir": os.path.abspath(model_dir)},
+        info={"step": int(step), "model_dir": paths_lib.absolute(model_dir)},
         overwrite=True,
         is_main=distributed_lib.is_main_process(),
         sync=multihost_utils.sync_global_devices,
@@ -656,8 +665,8 @@ def export_params(model_dir: str, model: TagiConfig, params, data: DataConfig, s
 
 def _restore_exported(model_dir: str, model: TagiConfig, shardings):
     """The student tree a finished run exported, placed by ``shardings`` (None: one device)."""
-    path = os.path.join(os.path.abspath(model_dir), EXPORT_DIR)
-    if not os.path.isdir(path):
+    path = paths_lib.join(paths_lib.absolute(model_dir), EXPORT_DIR)
+    if not paths_lib.isdir(path):
         raise FileNotFoundError(f"no export at {path}: has training {model_dir} finished?")
     loaded = export_format.load(path, shardings=shardings)
     if loaded.config != model:

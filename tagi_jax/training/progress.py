@@ -6,12 +6,19 @@ FLOPs are counted from the architecture (``training.flops``: matmuls, attention 
 frozen backbone's backward costing activation gradients only); the peak per device is a
 property of the hardware and comes from the mesh gin file (``train.peak_flops_per_device``);
 without it MFU is not reported.
+
+``MODEL_DIR`` may be a local directory or a cloud path (``gs://bucket/run``): files are opened
+through ``etils.epath`` (``tensorboard.as_path``), never with ``os`` path functions.
+``metrics.jsonl`` is flushed at every logged step on a local disk (a killed run keeps every
+line); on cloud storage, where an object cannot be appended to, it is kept in memory and the
+object rewritten (``tensorboard.CloudFile``, starting from a resumed run's lines) at most every
+``tensorboard.CLOUD_FLUSH_SECS`` and at ``close``: each rewrite uploads the whole object and an
+object takes about one update per second.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -53,16 +60,26 @@ class Progress:
         self.peak = peak_flops  # all devices together
         self.start_time = time.time()
         self.tty = sys.stdout.isatty()
-        self.metrics_path = os.path.join(model_dir, "metrics.jsonl")
+        directory = tensorboard.as_path(model_dir)
+        self.metrics_path = str(directory / "metrics.jsonl")
         self._window_start = time.time()
         self._window_steps = 0
         self._window_tokens = 0
         self._printed_bar = False
+        self._flush_secs = (
+            tensorboard.CLOUD_FLUSH_SECS if tensorboard.is_cloud_path(model_dir) else 0
+        )
+        self._flushed = time.time()
         self.metrics_file = None
         self.writer = None
         if enabled:
-            self.metrics_file = open(self.metrics_path, "a")  # noqa: SIM115  (open for the run)
-            self.writer = tensorboard.SummaryWriter(os.path.join(model_dir, "tensorboard"))
+            directory.mkdir(parents=True, exist_ok=True)
+            if tensorboard.is_cloud_path(model_dir):
+                # object stores cannot append (gcsfs silently overwrites): see CloudFile
+                self.metrics_file = tensorboard.CloudFile(self.metrics_path, append=True)
+            else:
+                self.metrics_file = (directory / "metrics.jsonl").open("a")  # closed in close()
+            self.writer = tensorboard.SummaryWriter(str(directory / "tensorboard"))
 
     def count(self, tokens: int) -> None:
         """One finished step that processed ``tokens`` (non-padding) tokens."""
@@ -95,7 +112,9 @@ class Progress:
         else:
             print(line, flush=True)
         self.metrics_file.write(json.dumps({"step": step, "time": now} | record) + "\n")
-        self.metrics_file.flush()
+        if now - self._flushed >= self._flush_secs:
+            self.metrics_file.flush()
+            self._flushed = now
         self.writer.scalars(step, record)
         return record
 

@@ -12,16 +12,15 @@ group's own seeded, cycling order.
 from __future__ import annotations
 
 import collections
-import os
 
 import gin
 import numpy as np
 
-from tagi_jax import gin_check
+from tagi_jax import gin_check, paths
 from tagi_jax.artifacts import backbone
 from tagi_jax.distill import lora_teachers
 from tagi_jax.distill.lora_teachers import LoraTeacherConfig
-from tagi_jax.training import checkpointing, inputs
+from tagi_jax.training import inputs
 
 BANK_FILE = "lora_teachers.safetensors"
 
@@ -106,16 +105,16 @@ def train_lora_teachers(
     """Trains the bank and writes ``<model_dir>/lora_teachers.safetensors``; returns its path."""
     gin_check.check_bindings_used("train_lora_teachers")
     config = config or LoraTeacherConfig()
-    if not os.path.exists(base_checkpoint):
+    if not paths.exists(base_checkpoint):
         raise FileNotFoundError(
             f"train_lora_teachers.base_checkpoint does not exist: {base_checkpoint}"
         )
     # The data is checked (files, splits, schema, one formatted example per task) before the
     # base model loads: a bad file is one line in seconds.
     inputs.preflight(data)
-    os.makedirs(model_dir, exist_ok=True)
-    path = os.path.join(model_dir, BANK_FILE)
-    if os.path.exists(path):
+    paths.makedirs(model_dir)
+    path = paths.join(model_dir, BANK_FILE)
+    if paths.exists(path):
         raise FileExistsError(f"{path} exists: the teachers are trained; use another MODEL_DIR")
     t5_config, base = backbone.load_t5(base_checkpoint)
     vocabulary = inputs.make_vocabulary(data)
@@ -137,8 +136,8 @@ def train_lora_teachers(
     )
     bank.save(path)
     losses = np.stack(history)  # [steps, K]
-    checkpointing.write_json(
-        os.path.join(model_dir, "lora_teachers.json"),
+    paths.write_json(
+        paths.join(model_dir, "lora_teachers.json"),
         {
             "groups": list(groups),
             "first_loss": losses[0].tolist(),
@@ -146,7 +145,7 @@ def train_lora_teachers(
             # the training curve of the stage: the teachers' mean loss at every step
             "mean_loss": losses.mean(axis=1).tolist(),
             "train_steps": train_steps,
-            "base_checkpoint": os.path.abspath(base_checkpoint),
+            "base_checkpoint": paths.absolute(base_checkpoint),
         },
     )
     print(
