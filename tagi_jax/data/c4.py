@@ -8,15 +8,18 @@ seed and a hash of the document, so a document always splits the same way, whate
 or sharding of the data; each segment has at least ``min_segment_length`` tokens (HINT's
 ``U[1, n-2)`` draws allow 1 and reuse one seed for both points — we draw them independently).
 
-Sources: TFDS ``c4/en`` through ``seqio.TfdsDataSource`` (from a local ``data_dir``), or local
-text/JSONL files (one document per line; JSONL takes the ``text`` field).
+Sources: TFDS ``c4/en`` through ``seqio.TfdsDataSource`` (from a local ``data_dir``), or
+text/JSONL files (one document per line; JSONL takes the ``text`` field), local or in cloud
+storage (``gs://``, through ``tagi_jax.paths``: read streamed, or by line index for the per-host
+stream, ``example_index``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 
+from tagi_jax import paths
+from tagi_jax.data import example_index
 from tagi_jax.data.tf_setup import import_tensorflow
 
 # Before seqio: TensorFlow must never see the accelerators (JAX owns their memory).
@@ -86,12 +89,12 @@ def split_document(
     return dataset.map(split, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def read_documents(paths: list[str]):
-    """Documents (str) of local text or JSONL files, one per non-empty line."""
-    for path in paths:
-        if not os.path.isfile(path):
+def read_documents(files: list[str]):
+    """Documents (str) of text or JSONL files (local or cloud), one per non-empty line."""
+    for path in files:
+        if not paths.isfile(path):
             raise FileNotFoundError(f"C4 file does not exist: {path}")
-        with open(path, encoding="utf-8") as f:
+        with example_index.open_text(path) as f:
             for number, line in enumerate(f, 1):
                 line = line.rstrip("\n")
                 if not line.strip():
@@ -117,13 +120,11 @@ class IndexedDocuments:
     (``example_index.LineIndex``, no decoding or parsing), reading a document reads its line
     alone."""
 
-    def __init__(self, paths: list[str]):
-        from tagi_jax.data import example_index
-
-        for path in paths:
-            if not os.path.isfile(path):
+    def __init__(self, files: list[str]):
+        for path in files:
+            if not paths.isfile(path):
                 raise FileNotFoundError(f"C4 file does not exist: {path}")
-        self._files = [example_index.LineIndex(path) for path in paths]
+        self._files = [example_index.LineIndex(path) for path in files]
         self.sizes = [len(index) for index in self._files]
 
     def document(self, file: int, row: int) -> str:
@@ -140,12 +141,13 @@ class IndexedDocuments:
         return _document(index.path, number, line.rstrip("\n"))
 
 
-def local_source(paths: list[str]) -> seqio.FunctionDataSource:
-    """A seqio source of ``{"text": str}`` over local files, read when the dataset is built."""
+def local_source(files: list[str]) -> seqio.FunctionDataSource:
+    """A seqio source of ``{"text": str}`` over text/JSONL files (local or cloud: not TFDS),
+    read when the dataset is built."""
 
     def dataset_fn(split, shuffle_files, seed=None):
         del split, shuffle_files, seed
-        docs = list(read_documents(paths))
+        docs = list(read_documents(files))
         return tf.data.Dataset.from_tensor_slices({"text": tf.constant(docs, tf.string)})
 
     return seqio.FunctionDataSource(dataset_fn, splits=["train", "validation"])

@@ -1,7 +1,9 @@
-"""Super-Natural Instructions: the natural-instructions layout, read from a local directory.
+"""Super-Natural Instructions: the natural-instructions layout, read from a local directory or
+from cloud storage (``gs://...``, through ``tagi_jax.paths``).
 
 Layout: ``<dir>/tasks/<task>.json`` and ``<dir>/splits/<split_name>/{train,test}_tasks.txt``
-(the flat ``<dir>/splits/{train,test}_tasks.txt`` of a sample is accepted too).
+(the flat ``<dir>/splits/{train,test}_tasks.txt`` of a sample is accepted too). Task files are
+read whole (they are parsed whole), a cloud one in one download.
 
 ``format_instance`` builds the three TAGI text streams exactly as Tk-Instruct / the authors'
 collator does (tagi_spec.md §2.4): the teacher's source (definition, demonstrations, the
@@ -31,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 import string
 import zlib
@@ -39,6 +40,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from tagi_jax import paths
+from tagi_jax.data import example_index
 from tagi_jax.data.errors import DataError, found
 
 log = logging.getLogger(__name__)
@@ -165,13 +168,13 @@ def read_split(data_dir: str, split: str, split_name: str = "default") -> list[s
     """Task names of ``split`` (``train``/``test``), from ``splits/<split_name>/`` or the flat
     ``splits/`` of a sample directory."""
     candidates = [
-        os.path.join(data_dir, "splits", split_name, f"{split}_tasks.txt"),
-        os.path.join(data_dir, "splits", f"{split}_tasks.txt"),
+        paths.join(data_dir, "splits", split_name, f"{split}_tasks.txt"),
+        paths.join(data_dir, "splits", f"{split}_tasks.txt"),
     ]
     for path in candidates:
-        if os.path.isfile(path):
+        if paths.isfile(path):
             try:
-                with open(path, encoding="utf-8") as f:
+                with example_index.open_text(path) as f:
                     names = [line.strip() for line in f if line.strip()]
             except UnicodeDecodeError as e:
                 raise NIDataError(f"{path} is not UTF-8: {e}") from None
@@ -273,8 +276,7 @@ def check_task(path: str, task: Any) -> dict:
 def load_task(path: str) -> dict:
     """A parsed task file whose schema holds (``check_task``)."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = paths.read_bytes(path)
     except FileNotFoundError:
         raise NIDataError(f"task file missing: {path}") from None
     except OSError as e:
@@ -418,16 +420,24 @@ def load_split(data_dir: str, split: str, config: NIConfig, split_name: str = "d
     tasks, skipped = [], Counter()
     for name in read_split(data_dir, split, split_name):
         try:
-            tasks.append((name, load_task(os.path.join(data_dir, "tasks", f"{name}.json"))))
+            tasks.append((name, load_task(paths.join(data_dir, "tasks", f"{name}.json"))))
         except NIDataError as e:
             if config.on_error == "raise":
                 raise
-            skipped[str(e).split(":")[0]] += 1
+            skipped[_skip_key(str(e))] += 1
     if skipped:
         log.warning("skipped %d unusable SNI task files: %s", sum(skipped.values()), dict(skipped))
     if not tasks:
         raise NIDataError(f"no usable tasks in the {split} split of {data_dir}")
     return tasks
+
+
+def _skip_key(message: str) -> str:
+    """What a skipped file is counted under: its message up to the first ``:`` (the file, or
+    the kind of problem), a URI's ``scheme://`` not counting as that ``:``."""
+    scheme = paths.scheme(message)
+    head = f"{message[: len(scheme)]}://" if scheme else ""
+    return head + message[len(head) :].split(":")[0]
 
 
 def categories(tasks) -> list[str]:

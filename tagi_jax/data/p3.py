@@ -30,7 +30,8 @@ data triggers it.
 ``<split>.jsonl`` or ``<split>.tfrecord`` with ``inputs_pretokenized``, ``targets_pretokenized``
 and ``answer_choices``; the ``_score_eval`` variant holds one row per answer choice
 (``idx``, ``is_correct``, ``weight``) for rank classification. ``read_jsonl`` and
-``read_tfrecord`` read either back to the same dicts.
+``read_tfrecord`` read either back to the same dicts. Raw records, templates and the P3 layout
+may be local or in cloud storage (``gs://``, through ``tagi_jax.paths``), read and written alike.
 
 The dataset lists (T0 training datasets, held-out evaluation datasets, and where the held-out
 raw files and templates live in the shared data folder) are package data under ``lists/``,
@@ -39,6 +40,7 @@ read with ``read_list`` and ``read_raw_map``.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -48,6 +50,8 @@ import logging
 import os
 import random
 import re
+import struct
+import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -57,6 +61,7 @@ from typing import Any, Literal
 import jinja2
 import yaml
 
+from tagi_jax import paths
 from tagi_jax.data.errors import DataError, found
 
 logger = logging.getLogger(__name__)
@@ -158,12 +163,12 @@ _TemplatesLoader.add_constructor("!TemplateMetadata", _construct_mapping)
 
 
 def _read_text(path: str | os.PathLike) -> str:
-    """Reads a UTF-8 file, turning a decoding failure into a ValueError that names the file."""
+    """Reads a UTF-8 file (local or cloud), turning a decoding failure into a ValueError that
+    names the file."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
-    with open(path, "rb") as f:
-        data = f.read()
+    data = paths.read_bytes(path)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -598,7 +603,7 @@ def render_dataset(
         if empty:
             logger.info("%s: %d of %d records rendered empty (dropped)", name, empty, len(records))
         rows = list(_score_eval_rows(examples) if score_eval else _train_rows(examples))
-        _write(os.path.join(os.fspath(out_dir), name, f"{split}.{fmt}"), rows, fmt)
+        _write(paths.join(os.fspath(out_dir), name, f"{split}.{fmt}"), rows, fmt)
         counts[name] = len(rows)
     if failures:
         details = "; ".join(f"{where}: {n}" for where, n in failures.items())
@@ -610,7 +615,18 @@ def render_dataset(
 
 
 def _write(path: str, rows: list[dict[str, Any]], fmt: str) -> None:
-    """Writes to a temporary name first so an interrupted run never leaves a truncated file."""
+    """Writes to a temporary name first so an interrupted run never leaves a truncated file.
+    In cloud storage an object appears whole when its upload completes: JSONL is uploaded from
+    memory, a TFRecord file written locally first and copied."""
+    if paths.is_uri(path):
+        if fmt == "jsonl":
+            paths.write_text(path, "".join(_jsonl_line(row) for row in rows))
+            return
+        with tempfile.TemporaryDirectory(prefix="tagi-p3-") as local:
+            tmp = os.path.join(local, paths.basename(path))
+            _write_tfrecord(tmp, rows)
+            paths.copyfile(tmp, path)
+        return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp"
     if fmt == "jsonl":
@@ -623,7 +639,11 @@ def _write(path: str, rows: list[dict[str, Any]], fmt: str) -> None:
 def _write_jsonl(path: str, rows: Iterable[Mapping[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+            f.write(_jsonl_line(row))
+
+
+def _jsonl_line(row: Mapping[str, Any]) -> str:
+    return json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n"
 
 
 def _feature(key: str, value: Any):
@@ -663,18 +683,21 @@ def _write_tfrecord(path: str, rows: Iterable[Mapping[str, Any]]) -> None:
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """Yields one dict per non-blank line (raw records or P3 rows).
 
-    The file's existence is checked at the call; a line that is not UTF-8 or not a JSON object
-    raises ValueError naming the file and line while iterating.
+    The file (local or cloud: ``tagi_jax.paths``; read streamed) is checked to exist at the
+    call; a line that is not UTF-8 or not a JSON object raises ValueError naming the file and
+    line while iterating.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
     return _iter_jsonl(path)
 
 
 def _iter_jsonl(path: str) -> Iterator[dict[str, Any]]:
-    with open(path, "rb") as f:
-        for line_number, raw in enumerate(f, start=1):
+    from tagi_jax.data import example_index  # not module-level: a loop variable elsewhere here
+
+    with contextlib.closing(example_index.binary_lines(path)) as lines:
+        for line_number, raw in enumerate(lines, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -694,10 +717,11 @@ def read_tfrecord(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """Yields the rows of a P3 TFRecord file as the same dicts ``read_jsonl`` gives.
 
     Known P3 fields get their Python types (``str``, ``list[str]``, ``bool``, ``float``,
-    ``list[int]``); other fields (e.g. P3's token ids) come back as lists.
+    ``list[int]``); other fields (e.g. P3's token ids) come back as lists. A local file is read
+    by ``tf.data``; a cloud one through ``tagi_jax.paths`` (``_cloud_records``).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
     return _iter_tfrecord(path)
 
@@ -707,12 +731,50 @@ def _iter_tfrecord(path: str) -> Iterator[dict[str, Any]]:
 
     tf = import_tensorflow()
 
+    if paths.is_uri(path):
+        for index, serialized in enumerate(_cloud_records(path)):
+            try:
+                example = tf.train.Example.FromString(serialized)
+            except Exception as e:  # noqa: BLE001 - protobuf's DecodeError
+                raise ValueError(f"{path}: unreadable TFRecord file: record {index}: {e}") from e
+            yield _decode_example(path, index, example)
+        return
     try:
         for index, serialized in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):
             example = tf.train.Example.FromString(serialized)
             yield _decode_example(path, index, example)
     except tf.errors.OpError as e:
         raise ValueError(f"{path}: unreadable TFRecord file: {e.message}") from e
+
+
+def _cloud_records(path: str) -> Iterator[bytes]:
+    """The serialized records of a TFRecord file in cloud storage, read streamed through
+    ``tagi_jax.paths`` (gcsfs) rather than TensorFlow's own GCS client: one client, one set of
+    credentials for every cloud read, and the emulator of the tests reaches it. Records are
+    framed ``uint64 length, uint32 crc, data, uint32 crc``; the CRCs are not checked (as
+    ``example_index.TFRecordIndex``), a truncated file is a ValueError."""
+    with paths.open(path, "rb") as f:
+        index, position = 0, 0
+        while header := f.read(12):
+            length = struct.unpack("<Q", header[:8])[0] if len(header) == 12 else 0
+            data = f.read(length) if len(header) == 12 else b""
+            if len(header) < 12 or len(data) != length or len(f.read(4)) != 4:
+                raise ValueError(
+                    f"{path}: unreadable TFRecord file: truncated record {index} at byte {position}"
+                )
+            yield data
+            index += 1
+            position += 12 + length + 4
+
+
+def task_dirs(p3_dir: str) -> list[str]:
+    """The sorted names of the directories in ``p3_dir`` (a P3 layout's tasks), local or in
+    cloud storage; for a cloud one, one listing (not a query per name)."""
+    if paths.is_local(p3_dir):
+        return sorted(d for d in os.listdir(p3_dir) if os.path.isdir(os.path.join(p3_dir, d)))
+    for _, dirs, _ in paths.walk(p3_dir):
+        return sorted(dirs)  # the top level only: the walk goes no deeper
+    return []
 
 
 def _decode_example(path: str, index: int, example: Any) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """SeqIO Tasks and Mixtures over pre-rendered P3 (the bigscience/P3 layout, or ours from
 ``p3.render_dataset``): one directory per (dataset, template) task holding
 ``<split>.jsonl`` or ``<split>.tfrecord``, and ``<task>_score_eval`` twins for rank
-classification.
+classification. The directory may be local or in cloud storage (``gs://``, through
+``tagi_jax.paths``; ``example_index`` says how the per-host stream reads cloud files).
 
 For P3 the prompted input is the instruction: ``hyper_inputs`` and ``teacher_inputs`` are the
 input itself (tagi_spec.md §3.3). The category of a task is its dataset (the LoRA teachers are
@@ -23,8 +24,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 
+from tagi_jax import paths
 from tagi_jax.data import errors, p3, tasks
 from tagi_jax.data.errors import DataError
 from tagi_jax.data.tf_setup import import_tensorflow
@@ -58,8 +59,8 @@ class P3Registered:
 
 def _split_file(task_dir: str, split: str) -> str:
     for ext in ("jsonl", "tfrecord"):
-        path = os.path.join(task_dir, f"{split}.{ext}")
-        if os.path.isfile(path):
+        path = paths.join(task_dir, f"{split}.{ext}")
+        if paths.isfile(path):
             return path
     raise FileNotFoundError(f"{task_dir} has no {split}.jsonl or {split}.tfrecord")
 
@@ -184,9 +185,9 @@ def _count_rows(task_dir: str, split: str) -> int:
 def _task_names_and_categories(p3_dir: str):
     """The task directories (``task_id`` = index), the dataset names (``category_id`` = index;
     one past the end for a task of no listed dataset) and the task -> category-id function."""
-    if not os.path.isdir(p3_dir):
+    if not paths.isdir(p3_dir):
         raise FileNotFoundError(f"P3 directory does not exist: {p3_dir}")
-    names = sorted(d for d in os.listdir(p3_dir) if os.path.isdir(os.path.join(p3_dir, d)))
+    names = p3.task_dirs(p3_dir)
     if not names:
         raise FileNotFoundError(f"{p3_dir} holds no P3 task directories")
     train_keys, eval_keys = _dataset_keys()
@@ -234,7 +235,7 @@ def training_texts(p3_dir: str, group_by: str, split: str = "train") -> dict[str
         if name.endswith(SCORE_EVAL) or not any(_belongs(name, d) for d in train_keys.values()):
             continue
         key = name if group_by == "task" else datasets[category(name)]
-        path = _split_file(os.path.join(p3_dir, name), split)
+        path = _split_file(paths.join(p3_dir, name), split)
         pairs = grouped.setdefault(key, [])
         for n, row in enumerate(_rows(path), start=1):
             p3.check_row(row, f"{path}: row {n}")
@@ -266,7 +267,7 @@ def register_p3(
     registered, train_members, eval_members = [], [], []
     member_info = {}
     for task_id, name in enumerate(names):
-        task_dir = os.path.join(p3_dir, name)
+        task_dir = paths.join(p3_dir, name)
         full = f"{prefix}_p3_{name}"
         seqio.TaskRegistry.remove(full)
         task = seqio.TaskRegistry.add(
@@ -360,7 +361,7 @@ def preflight(
     formatted and tokenized (``vocabulary.encode``) as training does. Reads one row per task,
     however large the files; a malformed line further on is reported, as a ``DataError`` naming
     the file and line, when training reaches it. Returns the split files checked."""
-    if not os.path.isdir(p3_dir):
+    if not paths.isdir(p3_dir):
         raise DataError(f"DataConfig.p3_dir: P3 directory does not exist: {p3_dir}")
     try:
         names, _, category = _task_names_and_categories(p3_dir)
@@ -386,7 +387,7 @@ def preflight(
         )
     checked = []
     for name in members:
-        task_dir = os.path.join(p3_dir, name)
+        task_dir = paths.join(p3_dir, name)
         try:
             path = _split_file(task_dir, split)
         except FileNotFoundError as e:

@@ -43,6 +43,8 @@ Layout written by ``write_suite`` (the upstream natural-instructions one, read b
     <out_dir>/splits/default/{train,validation,test}_tasks.txt
     <out_dir>/suite.json        seed, parameters, version, task lists; written last
 
+``out_dir`` may be local or in cloud storage (``gs://...``, through ``tagi_jax.paths``).
+
 Task files are ``json.dumps(task, indent=4, ensure_ascii=False)`` with no trailing newline, as
 upstream. Each task has 2 positive examples, 1 negative example and N instances with one output
 each; inputs are at most 30 ASCII characters and outputs at most 32, so a byte-level model's
@@ -56,8 +58,10 @@ import dataclasses
 import json
 import os
 import random
-import shutil
 from collections.abc import Callable
+
+from tagi_jax import paths
+from tagi_jax.data import example_index
 
 # 2: validation split; visible held-out rules (new Reversal, Selection, Sorting, Affixation,
 # Letter Repetition and Template Wrapping families; one-word letter replacement and deletion).
@@ -659,6 +663,9 @@ def _dump(obj: dict) -> str:
 
 
 def _write_text(path: str, text: str) -> None:
+    if paths.is_uri(path):  # one upload, whole or not at all; no directories to make
+        paths.write_text(path, text)
+        return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         f.write(text)
@@ -673,9 +680,9 @@ def _summary(manifest: dict) -> SuiteSummary:
 
 
 def _read_manifest(out_dir: str) -> dict | None:
-    path = os.path.join(out_dir, MANIFEST)
+    path = paths.join(out_dir, MANIFEST)
     try:
-        with open(path, encoding="utf-8") as f:
+        with example_index.open_text(path) as f:
             manifest = json.load(f)
     except FileNotFoundError:
         return None
@@ -708,8 +715,8 @@ def write_suite(
         "instances_per_train_task": instances_per_train_task,
         "instances_per_test_task": instances_per_test_task,
     }
-    owned = [os.path.join(out_dir, p) for p in ("tasks", "splits", MANIFEST)]
-    existing = [p for p in owned if os.path.lexists(p)]
+    owned = [paths.join(out_dir, p) for p in ("tasks", "splits", MANIFEST)]
+    existing = [p for p in owned if paths.lexists(p)]
     if existing and not overwrite:
         manifest = _read_manifest(out_dir)
         if manifest is not None and {k: manifest.get(k) for k in params} == params:
@@ -717,7 +724,7 @@ def write_suite(
                 name
                 for split in SPLITS
                 for name in manifest[f"{split}_tasks"]
-                if not os.path.isfile(os.path.join(out_dir, "tasks", f"{name}.json"))
+                if not paths.isfile(paths.join(out_dir, "tasks", f"{name}.json"))
             ]
             if missing:
                 raise SuiteExistsError(
@@ -751,16 +758,16 @@ def write_suite(
         )
     )
     for path in existing:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
+        if paths.isdir(path) and not paths.islink(path):
+            paths.rmtree(path)
         else:
-            os.remove(path)
+            paths.remove(path)
     for tasks in splits.values():
         for name, task in tasks:
-            _write_text(os.path.join(out_dir, "tasks", f"{name}.json"), _dump(task))
+            _write_text(paths.join(out_dir, "tasks", f"{name}.json"), _dump(task))
     for split, tasks in splits.items():
         lines = "".join(f"{name}\n" for name, _ in tasks)
-        _write_text(os.path.join(out_dir, "splits", "default", f"{split}_tasks.txt"), lines)
+        _write_text(paths.join(out_dir, "splits", "default", f"{split}_tasks.txt"), lines)
     every_task = [task for tasks in splits.values() for _, task in tasks]
     manifest = {
         **params,
@@ -771,5 +778,5 @@ def write_suite(
             for split, tasks in splits.items()
         },
     }
-    _write_text(os.path.join(out_dir, MANIFEST), _dump(manifest))
+    _write_text(paths.join(out_dir, MANIFEST), _dump(manifest))
     return _summary(manifest)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -37,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tagi_jax import paths
 from tagi_jax.data import p3
 from tagi_jax.evaluation.ni_eval import encode_padded
 from tagi_jax.models import lora, t5, tagi
@@ -130,10 +130,10 @@ class Instance:
 
 def _split_file(task_dir: str, split: str) -> str:
     for ext in ("jsonl", "tfrecord"):
-        path = os.path.join(task_dir, f"{split}.{ext}")
-        if os.path.isfile(path):
+        path = paths.join(task_dir, f"{split}.{ext}")
+        if paths.isfile(path):
             return path
-    present = sorted(os.listdir(task_dir)) if os.path.isdir(task_dir) else []
+    present = sorted(paths.listdir(task_dir)) if paths.isdir(task_dir) else []
     raise FileNotFoundError(
         f"{task_dir} has no {split}.jsonl or {split}.tfrecord (it holds {present or 'nothing'})"
     )
@@ -177,15 +177,13 @@ def instances_from_rows(task: str, rows: Iterable[Mapping], *, where: str = "") 
 
 def score_eval_tasks(p3_dir: str, datasets: Sequence[str]) -> dict[str, list[str]]:
     """``{dataset: [score_eval task directory, ...]}`` for the ``datasets`` present in
-    ``p3_dir`` (a dataset with no task there is absent from the result)."""
-    if not os.path.isdir(p3_dir):
+    ``p3_dir`` (a dataset with no task there is absent from the result; local or cloud)."""
+    if not paths.isdir(p3_dir):
         raise FileNotFoundError(f"P3 directory does not exist: {p3_dir}")
     wanted = set(datasets)
     found: dict[str, list[str]] = {}
-    for entry in sorted(os.listdir(p3_dir)):
-        if not entry.endswith(p3.SCORE_EVAL_SUFFIX) or not os.path.isdir(
-            os.path.join(p3_dir, entry)
-        ):
+    for entry in p3.task_dirs(p3_dir):
+        if not entry.endswith(p3.SCORE_EVAL_SUFFIX):
             continue
         try:
             dataset = parse_task_name(entry).dataset
@@ -202,7 +200,7 @@ def load_instances(
     """The instances of the given score_eval task directories of ``p3_dir``."""
     out = []
     for task_dir in task_dirs:
-        path = _split_file(os.path.join(p3_dir, task_dir), split)
+        path = _split_file(paths.join(p3_dir, task_dir), split)
         rows = p3.read_jsonl(path) if path.endswith(".jsonl") else p3.read_tfrecord(path)
         instances = instances_from_rows(task_dir, rows, where=path)
         out.extend(instances if max_per_task is None else instances[:max_per_task])

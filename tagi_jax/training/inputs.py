@@ -18,13 +18,13 @@ TensorFlow and SeqIO stay inside ``tagi_jax.data``; they are imported here only 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterator, Mapping, Sequence
 
 import gin
 import jax
 import numpy as np
 
+from tagi_jax import paths
 from tagi_jax.data import ni as ni_lib
 from tagi_jax.data.errors import DataError
 from tagi_jax.parallel import partitioning
@@ -55,8 +55,10 @@ class DataConfig:
       task: the SeqIO task or mixture name (``tagi_suite_def_pos2``, ``tagi_sni_def_pos2``,
         ``tagi_sni_def``, ``tagi_c4_pretrain``, ``tagi_p3_t0_train``, ...).
       feature_lengths: ``inputs``, ``hyper_inputs``, ``teacher_inputs``, ``targets`` lengths.
-      sni_dir, suite_dir, p3_dir: natural-instructions / built-in suite / P3 directories.
-      c4_files: local C4 JSON(L) files for hyper-pretraining; or ``c4_tfds_dir`` (TFDS c4/en).
+      sni_dir, suite_dir, p3_dir: natural-instructions / built-in suite / P3 directories,
+        local or in cloud storage (``gs://...``).
+      c4_files: C4 text/JSONL files for hyper-pretraining (local or cloud); or ``c4_tfds_dir``
+        (TFDS c4/en).
       vocabulary: ``byte`` or a SentencePiece path (a checkpoint directory or spiece.model).
       ni: how natural-instructions data (SNI, the suite) becomes examples, for training and the
         LoRA-teacher stage alike: the gin-configured ``NIConfig`` unless given. The task name's
@@ -103,14 +105,14 @@ def make_vocabulary(data: DataConfig):
 
 
 def check_paths(data: DataConfig) -> None:
-    """Fails (``DataError``) when a configured data path does not exist; ``preflight`` does
-    this first, then checks the data in them."""
+    """Fails (``DataError``) when a configured data path (local or cloud: ``tagi_jax.paths``)
+    does not exist; ``preflight`` does this first, then checks the data in them."""
     for field in ("sni_dir", "suite_dir", "p3_dir", "c4_tfds_dir"):
         path = getattr(data, field)
-        if path is not None and not os.path.isdir(path):
+        if path is not None and not paths.isdir(path):
             raise DataError(f"DataConfig.{field}: data directory does not exist: {path}")
     for path in data.c4_files or ():
-        if not os.path.isfile(path):
+        if not paths.isfile(path):
             raise DataError(f"DataConfig.c4_files: no such file: {path}")
 
 
