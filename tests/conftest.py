@@ -45,3 +45,15 @@ def sentencepiece_dir(tmp_path_factory, shared_data_dir):
     out = tmp_path_factory.mktemp("spm")
     lines = sentencepiece_model.sni_text(os.path.join(shared_data_dir, "sni"))
     return sentencepiece_model.train(lines, str(out), vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    """One fake ``gs://`` bucket per test module, on the local GCS emulator
+    (``tagi_jax.testing.fake_gcs``, started once per process; no network)."""
+    from tagi_jax.testing import fake_gcs
+
+    if not fake_gcs.available():
+        pytest.skip("gcp-storage-emulator / gcsfs not installed (requirements-test.txt)")
+    with fake_gcs.fake_gcs() as root:
+        yield root

@@ -26,7 +26,6 @@ from tagi_jax.convert import param_checkpoint
 from tagi_jax.convert.tensor_store import CheckpointError
 from tagi_jax.models import tagi, trainable
 from tagi_jax.models.tagi_config import HyperConfig, TagiConfig
-from tagi_jax.testing import fake_gcs
 from tagi_jax.testing.tiny_t5 import TINY_T5
 
 CONFIG = TagiConfig(t5=TINY_T5, hyper=HyperConfig(rank=4, instruction_dim=16), fusion=False)
@@ -35,15 +34,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --- fixtures ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def bucket():
-    """One fake ``gs://`` bucket for the module (the emulator is started once per process)."""
-    if not fake_gcs.available():
-        pytest.skip("gcp-storage-emulator / gcsfs not installed (requirements-test.txt)")
-    with fake_gcs.fake_gcs() as root:
-        yield root
 
 
 @pytest.fixture(params=["local", "gs"])

@@ -21,21 +21,11 @@ import pytest
 from tagi_jax import paths
 from tagi_jax.data import example_index, ni, vocab
 from tagi_jax.data.errors import DataError
-from tagi_jax.testing import fake_gcs
 from tagi_jax.training import inputs
 
 LENGTHS = (("inputs", 96), ("hyper_inputs", 96), ("teacher_inputs", 128), ("targets", 32))
 BATCH = 4
 BYTES = vocab.get_vocabulary("byte")
-
-
-@pytest.fixture(scope="module")
-def bucket():
-    """One fake ``gs://`` bucket for the module (the emulator is started once per process)."""
-    if not fake_gcs.available():
-        pytest.skip("gcp-storage-emulator / gcsfs not installed (requirements-test.txt)")
-    with fake_gcs.fake_gcs() as root:
-        yield root
 
 
 @pytest.fixture(scope="module")

@@ -91,14 +91,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_give_the_one_process_losses(tmp_path, suite, one_device_losses):
-    model_dir = str(tmp_path / "run")
+def _two_processes(model_dir, suite, *extra):
+    """The CLI in two ``jax.distributed`` CPU processes (one device each) on one run."""
     port = _free_port()
     procs = []
     for pid in range(2):
         flags = _flags(
             model_dir,
             suite,
+            *extra,
             "--gin.train.mesh_shape=(2, 1)",
             "--gin.train.distributed=@DistributedConfig()",
             "--gin.DistributedConfig.enabled=True",
@@ -112,6 +113,12 @@ def test_two_processes_give_the_one_process_losses(tmp_path, suite, one_device_l
                 cmd, cwd=ROOT, env=ONE_DEVICE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
             )
         )
+    return procs
+
+
+def test_two_processes_give_the_one_process_losses(tmp_path, suite, one_device_losses):
+    model_dir = str(tmp_path / "run")
+    procs = _two_processes(model_dir, suite)
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err.decode()[-3000:]
@@ -125,27 +132,9 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tmp_path, s
     processes save it together (a host deciding alone would hang in the collective save) and
     exit cleanly."""
     model_dir = str(tmp_path / "run")
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        flags = _flags(
-            model_dir,
-            suite,
-            "--gin.TRAIN_STEPS=100000",
-            "--gin.train.save_every=100000",
-            "--gin.train.mesh_shape=(2, 1)",
-            "--gin.train.distributed=@DistributedConfig()",
-            "--gin.DistributedConfig.enabled=True",
-            f"--gin.DistributedConfig.coordinator_address='localhost:{port}'",
-            "--gin.DistributedConfig.num_processes=2",
-            f"--gin.DistributedConfig.process_id={pid}",
-        )
-        cmd = [sys.executable, "-m", "tagi_jax.train", *flags]
-        procs.append(
-            subprocess.Popen(
-                cmd, cwd=ROOT, env=ONE_DEVICE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-            )
-        )
+    procs = _two_processes(
+        model_dir, suite, "--gin.TRAIN_STEPS=100000", "--gin.train.save_every=100000"
+    )
     metrics = os.path.join(model_dir, "metrics.jsonl")
     deadline = time.time() + 300
     while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
