@@ -27,6 +27,7 @@ from tagi_jax.convert.tensor_store import CheckpointError
 from tagi_jax.models import tagi, trainable
 from tagi_jax.models.tagi_config import HyperConfig, TagiConfig
 from tagi_jax.testing.tiny_t5 import TINY_T5
+from tagi_jax.testing.trees import assert_trees_equal
 
 CONFIG = TagiConfig(t5=TINY_T5, hyper=HyperConfig(rank=4, instruction_dim=16), fusion=False)
 DATA = {"task": "tagi_suite_def", "feature_lengths": {"inputs": 32}, "vocabulary": "byte"}
@@ -56,15 +57,6 @@ def _student(config=CONFIG, seed=0):
 def _write(path: str, text: str) -> None:
     paths.makedirs(paths.dirname(path))
     paths.write_text(path, text)
-
-
-def _assert_trees_equal(a, b) -> None:
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for (path, x), y in zip(
-        jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b), strict=True
-    ):
-        assert x.dtype == y.dtype, jax.tree_util.keystr(path)
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), jax.tree_util.keystr(path))
 
 
 # --- names: no I/O ------------------------------------------------------------------------------
@@ -242,10 +234,10 @@ def test_param_checkpoint_round_trip(root):
     param_checkpoint.save(directory, TINY_T5, params)
     config, loaded = param_checkpoint.load(directory)
     assert config == TINY_T5
-    _assert_trees_equal(params, loaded)
+    assert_trees_equal(params, loaded)
     # a backbone source: the checkpoint itself, an export's t5/, a run's export/t5
     _, via_backbone = backbone.load_t5(directory)
-    _assert_trees_equal(params, via_backbone)
+    assert_trees_equal(params, via_backbone)
     assert backbone.fingerprint(directory) == backbone.fingerprint(directory)
     with pytest.raises(FileExistsError, match="already exists"):
         param_checkpoint.save(directory, TINY_T5, params)
@@ -266,7 +258,7 @@ def test_export_round_trip(root, tmp_path):
     assert paths.isfile(paths.join(out, export_format.CONFIG_FILE))
     assert not paths.exists(out + ".tmp")
     loaded = export_format.load(out)
-    _assert_trees_equal(params, loaded.params)
+    assert_trees_equal(params, loaded.params)
     assert loaded.config == CONFIG and loaded.info["step"] == 3
     assert loaded.vocabulary_spec == paths.join(out, export_format.SPIECE_FILE)
     assert loaded.data == json.loads(json.dumps(data))
@@ -277,7 +269,7 @@ def test_export_round_trip(root, tmp_path):
     other = _student(seed=1)
     export_format.save(out, CONFIG, other, vocabulary="byte", data=data, overwrite=True)
     again = export_format.load(out)
-    _assert_trees_equal(other, again.params)
+    assert_trees_equal(other, again.params)
     assert again.vocabulary_spec == "byte"
     assert sorted(paths.listdir(paths.join(root, "exports"))) == ["e"]  # nothing set aside
 
@@ -298,7 +290,7 @@ def test_export_with_a_referenced_base(root):
     export_format.save(out, CONFIG, params, vocabulary="byte", data=data, base_reference=reference)
     assert not paths.exists(paths.join(out, export_format.BASE_DIR))
     assert paths.read_json(paths.join(out, export_format.BASE_FILE))["path"] == base
-    _assert_trees_equal(params, export_format.load(out).params)
+    assert_trees_equal(params, export_format.load(out).params)
     assert export_format.sources_of(out) == [paths.absolute(out), base]
 
 
@@ -384,7 +376,7 @@ def test_checkpointer_round_trip(root, tmp_path, monkeypatch):
     finally:
         ckpt.close()
     assert meta["examples"] == 8
-    _assert_trees_equal(state.trainable, restored.trainable)
+    assert_trees_equal(state.trainable, restored.trainable)
 
 
 def test_local_paths_need_no_cloud_library(tmp_path):
@@ -396,14 +388,15 @@ import sys
 for name in ("gcsfs", "google.cloud.storage", "google.cloud.storage_control_v2"):
     sys.modules[name] = None  # as if not installed: import fails, find_spec says None
 sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
-from test_cloud_paths import CONFIG, DATA, _student, _assert_trees_equal
+from test_cloud_paths import CONFIG, DATA, _student
+from tagi_jax.testing.trees import assert_trees_equal
 from tagi_jax import paths
 from tagi_jax.artifacts import export_format
 
 out = {str(tmp_path / "e")!r}
 params = _student()
 export_format.save(out, CONFIG, params, vocabulary="byte", data=export_format.data_settings(DATA))
-_assert_trees_equal(params, export_format.load(out).params)
+assert_trees_equal(params, export_format.load(out).params)
 paths.write_json(out + "/../x.json", {{"a": 1}})
 assert paths.read_json(out + "/../x.json") == {{"a": 1}}
 bad = [m for m, v in sys.modules.items() if v and m.split(".")[0] in ("gcsfs", "tensorflow")]

@@ -19,6 +19,7 @@ import pytest
 from tagi_jax import export
 from tagi_jax.artifacts import backbone, export_format
 from tagi_jax.models import tagi, trainable
+from tagi_jax.testing.trees import assert_trees_equal
 from tagi_jax.training import state as state_lib
 
 ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
@@ -41,15 +42,6 @@ def _train(model_dir: str, suite: str, steps: int, *flags: str) -> str:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return model_dir
-
-
-def _assert_trees_equal(a, b) -> None:
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for (path, x), y in zip(
-        jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b), strict=True
-    ):
-        assert x.dtype == y.dtype, jax.tree_util.keystr(path)
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), jax.tree_util.keystr(path))
 
 
 def _batch(vocab_size: int):
@@ -111,17 +103,17 @@ def test_export_layout_and_exact_parameters(run, exported):
     init = jax.jit(lambda key: tagi.init_params(model, key))(jax.random.key(0))
     _, frozen = state_lib.partition(init, trainable.trainable_mask(model, init))
     expected = state_lib.merge(state["trainable"], frozen, jax.tree.structure(init))
-    _assert_trees_equal(params, expected)
+    assert_trees_equal(params, expected)
     # ... and the loop's own end-of-run export, through the model's logits.
     from_loop = _loop_export(run, model)
-    _assert_trees_equal(params, from_loop)
+    assert_trees_equal(params, from_loop)
     batch = _batch(model.t5.vocab_size)
     logits, _ = tagi.forward(model, params, batch)
     reference, _ = tagi.forward(model, from_loop, batch)
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(reference))
     # E/t5, and the export itself, are bases in their own right.
     for source in (os.path.join(exported, "t5"), exported, run):
-        _assert_trees_equal(backbone.load_t5(source)[1], params["t5"])
+        assert_trees_equal(backbone.load_t5(source)[1], params["t5"])
     # The loop's export and this one are the same format, read by the same reader.
     assert export_format.read_data(os.path.join(run, "export")) == settings
 
@@ -149,13 +141,13 @@ def test_export_with_base_reference(run, suite, tmp_path):
     assert not os.path.exists(os.path.join(out, "t5"))
     loaded = export_format.load(out)
     model, params = loaded.config, loaded.params
-    _assert_trees_equal(params, _loop_export(second, model))
-    _assert_trees_equal(params["t5"], backbone.load_t5(base)[1])
+    assert_trees_equal(params, _loop_export(second, model))
+    assert_trees_equal(params["t5"], backbone.load_t5(base)[1])
     # by default the backbone is copied in, so the directory works anywhere
     included = export.export_run(second, str(tmp_path / "inc"))
     with open(os.path.join(included, "base.json")) as f:
         assert json.load(f)["kind"] == "included"
-    _assert_trees_equal(export_format.load(included).params, params)
+    assert_trees_equal(export_format.load(included).params, params)
     # a base that changed since the export is refused (verify_base=False takes it anyway)
     changed = backbone.load_t5(base)[1]
     changed["decoder"]["final_layer_norm"]["scale"] = (
@@ -170,7 +162,7 @@ def test_export_with_base_reference(run, suite, tmp_path):
         json.dump(dict(info, path=str(tmp_path / "changed")), f)
     with pytest.raises(export_format.ExportError, match="changed"):
         export_format.load(moved)
-    _assert_trees_equal(export_format.load(moved, verify_base=False).params["t5"], changed)
+    assert_trees_equal(export_format.load(moved, verify_base=False).params["t5"], changed)
     # a reference that went away is named
     with open(os.path.join(moved, "base.json"), "w") as f:
         json.dump({"path": str(tmp_path / "gone"), "kind": "reference"}, f)

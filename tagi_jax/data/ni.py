@@ -553,9 +553,9 @@ class IndexedExamples:
         split_name: str = "default",
     ):
         self._config = config
-        self._budget = _budget(config, vocabulary)
-        tasks = load_split(data_dir, split, config, split_name)
-        self._category_ids = {c: i for i, c in enumerate(categories(tasks))}
+        tasks, self._category_ids, self._budget = _split_setup(
+            data_dir, split, config, vocabulary, split_name
+        )
         self._plans = [_task_plan(name, task, split, config, seed) for name, task in tasks]
         # the drawn instances live in the plans; the rest of each file is let go
         self._tasks = [
@@ -573,6 +573,13 @@ class IndexedExamples:
         return _format(
             name, task, task_id, self._category_ids, self._config, self._budget, instance, target
         )
+
+
+def _split_setup(data_dir, split, config, vocabulary, split_name):
+    """What formatting a split's examples needs: its tasks, category ids and source budget."""
+    budget = _budget(config, vocabulary)
+    tasks = load_split(data_dir, split, config, split_name)
+    return tasks, {c: i for i, c in enumerate(categories(tasks))}, budget
 
 
 def iter_examples(
@@ -594,9 +601,7 @@ def iter_examples(
     drawn with the seeded RNG in training, the first in evaluation), ``references``,
     ``task_name``, ``category``, ``task_id``, ``category_id``, ``instance_id``.
     """
-    budget = _budget(config, vocabulary)
-    tasks = load_split(data_dir, split, config, split_name)
-    category_ids = {c: i for i, c in enumerate(categories(tasks))}
+    tasks, category_ids, budget = _split_setup(data_dir, split, config, vocabulary, split_name)
     for task_id in range(len(tasks)):
         yield from _task_examples(tasks, task_id, category_ids, split, config, seed, budget)
 
@@ -613,9 +618,7 @@ def first_examples(
     """The first example ``iter_examples`` gives for each task of the split, formatted by the
     same code (the data check before training: every file is read and checked, one instance
     per task formatted)."""
-    budget = _budget(config, vocabulary)
-    tasks = load_split(data_dir, split, config, split_name)
-    category_ids = {c: i for i, c in enumerate(categories(tasks))}
+    tasks, category_ids, budget = _split_setup(data_dir, split, config, vocabulary, split_name)
     return [
         next(_task_examples(tasks, task_id, category_ids, split, config, seed, budget))
         for task_id in range(len(tasks))
