@@ -66,6 +66,7 @@ def _start() -> dict:
                     return
                 super().handle_error(request, client_address)
 
+        _serve_generations()
         storage = Storage(use_memory_fs=True)
         # Port 0: the kernel picks a free port, with no race between choosing and binding.
         httpd = _Server(("127.0.0.1", 0), partial(RequestHandler, storage))
@@ -89,6 +90,49 @@ def _clear_client_caches() -> None:
         backend.fsspec_backend._get_filesystem.cache_clear()
     if "gcsfs" in sys.modules:
         sys.modules["gcsfs"].GCSFileSystem.clear_instance_cache()
+
+
+def _serve_generations() -> None:
+    """Makes the emulator's object downloads behave as GCS's do for a generation-aware client.
+
+    GCS answers ``GET .../o/<object>?alt=media`` with the object's ``x-goog-generation`` and
+    honours ``ifGenerationNotMatch`` (304) and ``ifGenerationMatch`` (412); the emulator does
+    neither. TensorStore (orbax's OCDBT writes) re-reads a manifest it has just written with
+    ``ifGenerationNotMatch=<its generation>`` and takes the generation of the answer as the
+    condition of its next write: without the header that is no generation at all, and the write
+    fails with "Malformed StorageGeneration" whenever the re-read happens (a race, 1 save in 10).
+    """
+    from http import HTTPStatus
+
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    download = objects.download
+    if getattr(download, "_tagi_generations", False):
+        return
+
+    def download_with_generation(request, response, storage, *args, **kwargs):
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        except NotFound:
+            obj = None
+        if obj is not None:
+            generation = str(obj.get("generation"))
+            response["x-goog-generation"] = generation
+            response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+            not_match = request.query.get("ifGenerationNotMatch")
+            if not_match and not_match[0] == generation:
+                response.status = HTTPStatus.NOT_MODIFIED
+                return None
+            match = request.query.get("ifGenerationMatch")
+            if match and match[0] != generation:
+                response.status = HTTPStatus.PRECONDITION_FAILED
+                return None
+        return download(request, response, storage, *args, **kwargs)
+
+    download_with_generation._tagi_generations = True
+    # objects.get looks `download` up in its module at each call (the ?alt=media path)
+    objects.download = download_with_generation
 
 
 @contextlib.contextmanager
