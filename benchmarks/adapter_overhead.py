@@ -31,10 +31,10 @@ import time
 import gin
 import jax
 
-from tagi_jax import configurables
+from tagi_jax import configurables, gin_configs
 from tagi_jax.models import lora, t5, tagi
 
-GIN = os.path.join(os.path.dirname(__file__), "..", "gin_configs")
+GIN = gin_configs.root()
 
 
 def _tagi_config(shape: str, scan_layers: bool):

@@ -34,7 +34,7 @@ from tagi_jax.distill import losses
 from tagi_jax.models import tagi, trainable
 from tagi_jax.parallel import mesh as mesh_lib
 from tagi_jax.parallel import partitioning
-from tagi_jax.training import loop
+from tagi_jax.training import model_setup
 from tagi_jax.training import state as state_lib
 
 
@@ -75,7 +75,7 @@ def main() -> None:
         f"{args.enc_len}/{args.hyper_len}/{args.dec_len}, teacher B std {args.teacher_b_std}",
         flush=True,
     )
-    params, _ = loop.sharded_params(model, mesh, rules, seed=args.seed, base=None)
+    params, _ = model_setup.sharded_params(model, mesh, rules, seed=args.seed, base=None)
     mask = trainable.trainable_mask(model, params)
     structure = jax.tree.structure(params)
     train_params, frozen = state_lib.partition(params, mask)

@@ -19,7 +19,9 @@ import subprocess
 import sys
 import time
 
-GIN_MODELS = os.path.join(os.path.dirname(__file__), "..", "gin_configs", "models")
+from tagi_jax import gin_configs
+
+GIN_MODELS = os.path.join(gin_configs.root(), "models")
 
 
 def _config(model: str):

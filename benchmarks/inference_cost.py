@@ -69,13 +69,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tagi_jax import configurables
+from tagi_jax import configurables, gin_configs
 from tagi_jax.data import ni
 from tagi_jax.models import lora, t5, tagi
 from tagi_jax.training import flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GIN = os.path.join(HERE, "..", "gin_configs")
+GIN = gin_configs.root()
 SNI_DIR = os.path.join(HERE, "..", "..", "shared", "data", "sni")
 MAX_SOURCE, MAX_TARGET = 1024, 128  # the authors' collator's cuts (tagi_spec.md §2.3)
 PAPER_EXAMPLES_PER_TASK = 100  # the paper counts FLOPs per task of 100 examples (§8)

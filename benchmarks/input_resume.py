@@ -1,5 +1,5 @@
 """Resume cost of the training input: seconds until the first batch of a run resumed at global
-batch K, replaying the stream (``inputs.train_batches(skip=K)``, the sequential seqio stream)
+batch K, replaying the stream (``pipeline.train_batches(skip=K)``, the sequential seqio stream)
 against starting it by example index (``feature_converter.host_batches(start_batch=K)``, what
 ``inputs.TrainInput`` reads), on the built-in suite as ``runs/tiny_cpu.gin`` trains it (bytes,
 Def + 2 Pos, feature lengths 256/256/320/40, batch 8). Also the per-host share: one of two
@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from tagi_jax.data import feature_converter, ni, synthetic
-from tagi_jax.training import inputs
+from tagi_jax.data import feature_converter, ni, pipeline, synthetic
+from tagi_jax.data.config import DataConfig, make_vocabulary
 
 LENGTHS = (("inputs", 256), ("hyper_inputs", 256), ("teacher_inputs", 320), ("targets", 40))
 
@@ -41,10 +41,10 @@ def main() -> None:
         suite = args.suite or tmp
         if args.suite is None:
             synthetic.write_suite(suite)
-        data = inputs.DataConfig(
+        data = DataConfig(
             task="tagi_suite_def_pos2", suite_dir=suite, feature_lengths=LENGTHS, ni=ni.NIConfig()
         )
-        inputs.register_data(data, inputs.make_vocabulary(data))
+        pipeline.register_data(data, make_vocabulary(data))
         k, b = args.resume_at, args.batch
 
         def indexed(start, rows):
@@ -59,8 +59,8 @@ def main() -> None:
             )
 
         results = {
-            "replay, first batch": lambda: inputs.train_batches(data, b, 0, 0, with_teacher=True),
-            f"replay, resume at {k}": lambda: inputs.train_batches(
+            "replay, first batch": lambda: pipeline.train_batches(data, b, 0, 0, with_teacher=True),
+            f"replay, resume at {k}": lambda: pipeline.train_batches(
                 data, b, 0, k, with_teacher=True
             ),
             "index, first batch": indexed(0, np.arange(b)),

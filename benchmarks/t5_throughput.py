@@ -19,10 +19,10 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from tagi_jax import configurables
+from tagi_jax import configurables, gin_configs
 from tagi_jax.models import t5
 
-GIN_MODELS = os.path.join(os.path.dirname(__file__), "..", "gin_configs", "models")
+GIN_MODELS = os.path.join(gin_configs.root(), "models")
 
 
 def _time(fn, *args, repeats: int):

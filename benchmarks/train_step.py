@@ -25,17 +25,18 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tagi_jax import configurables
+from tagi_jax import configurables, gin_configs
+from tagi_jax.data.pipeline import MODEL_FEATURES
 from tagi_jax.distill import losses
 from tagi_jax.models import trainable
 from tagi_jax.parallel import mesh as mesh_lib
 from tagi_jax.parallel import partitioning
-from tagi_jax.training import inputs, loop, optim
+from tagi_jax.training import inputs, model_setup, optim
 from tagi_jax.training import state as state_lib
 from tagi_jax.training.flops import train_step_flops
 from tagi_jax.training.progress import xla_step_flops
 
-GIN_ROOT = os.path.join(os.path.dirname(__file__), "..", "gin_configs")
+GIN_ROOT = gin_configs.root()
 
 
 def random_batch(
@@ -95,7 +96,9 @@ class JaxStep:
         rules = self.rules = partitioning.DEFAULT_RULES
         scalar = NamedSharding(self.mesh, PartitionSpec())
 
-        params, shardings = loop.sharded_params(self.model, self.mesh, rules, seed=0, base=None)
+        params, shardings = model_setup.sharded_params(
+            self.model, self.mesh, rules, seed=0, base=None
+        )
         mask = trainable.trainable_mask(self.model, params)
         structure = jax.tree.structure(params)
         train_params, self.frozen = state_lib.partition(params, mask)
@@ -121,7 +124,7 @@ class JaxStep:
         vocab = self.model.t5.logits_width  # target ids the head can predict
         self.batches = [
             inputs.to_global(
-                random_batch(rng, *self.lengths, vocab), inputs.MODEL_FEATURES, self.mesh, rules
+                random_batch(rng, *self.lengths, vocab), MODEL_FEATURES, self.mesh, rules
             )
             for _ in range(2)
         ]

@@ -5,6 +5,7 @@
 # Extra arguments go to the job, e.g. --ablations, --workdir /tmp/main_job, --fresh.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$repo/launch/setup_env.sh"
+# Only what the main job needs (requirements.txt: no torch); a venv with the test set serves too.
+TAGI_INSTALL=run source "$repo/launch/setup_env.sh"
 cd "$repo"
 exec python -m tagi_jax.demos.main_job "$@"

@@ -2,10 +2,24 @@
 # Creates or refreshes the project virtualenv (.venv, or $TAGI_VENV) from the repo's own
 # requirement files, then installs tagi_jax into it in editable mode. Sourced by the other
 # launchers; safe to run again: it reinstalls only when a requirements file changed.
+#
+# TAGI_INSTALL picks what goes in:
+#   run  (launch/run_default.sh) requirements.txt: the runtime + the [data] extra, what the main
+#        job needs; no torch, no transformers (about 1.6 GB, 1-2 minutes).
+#   test (launch/run_tests.sh, the default) requirements-test.txt: the above + the [torch]
+#        extra (CPU torch, transformers, peft) + pytest, ruff, build and the GCS emulator.
+# A venv holding the test set also serves run; run -> test installs only the difference.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${TAGI_VENV:-$repo/.venv}"
 python="${PYTHON:-python3}"
+install="${TAGI_INSTALL:-test}"
+
+case "$install" in
+  run) requirements="$repo/requirements.txt"; check="seqio" ;;
+  test) requirements="$repo/requirements-test.txt"; check="seqio, torch, transformers, pytest" ;;
+  *) echo "error: TAGI_INSTALL=$install is not one of: run, test" >&2; exit 2 ;;
+esac
 
 if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
   echo "error: tagi_jax needs Python >= 3.11 (found: $("$python" --version 2>&1)); set PYTHON=..." >&2
@@ -16,22 +30,36 @@ fi
 if [[ "${CI:-}" == "true" && -d "$venv" && ! -f "$venv/.tagi_ci_fresh" ]]; then
   rm -rf "$venv"
 fi
-stamp="$venv/.tagi_requirements.sha256"
-want="$(cat "$repo/requirements.txt" "$repo/requirements-test.txt" "$repo/pyproject.toml" | sha256sum | cut -d' ' -f1)"
-if [[ ! -x "$venv/bin/python" || ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
-  echo "== installing tagi_jax and its pinned dependencies into $venv (about 2 minutes, once)"
+digest() { cat "$@" | sha256sum | cut -d' ' -f1; }
+want_run="run=$(digest "$repo/requirements.txt" "$repo/pyproject.toml")"
+want_test="test=$(digest "$repo/requirements.txt" "$repo/requirements-test.txt" "$repo/pyproject.toml")"
+stamp="$venv/.tagi_installed"
+have() { [[ -f "$stamp" ]] && grep -qxF "$1" "$stamp"; }
+if [[ "$install" == "run" ]] && { have "$want_run" || have "$want_test"; }; then
+  ready=1
+elif [[ "$install" == "test" ]] && have "$want_test"; then
+  ready=1
+else
+  ready=0
+fi
+if [[ ! -x "$venv/bin/python" || "$ready" != 1 ]]; then
+  echo "== installing tagi_jax and its pinned dependencies ($(basename "$requirements")) into $venv"
   start=$SECONDS
-  "$python" -m venv "$venv"
+  [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
   [[ "${CI:-}" == "true" ]] && touch "$venv/.tagi_ci_fresh"
   # This machine's pip configuration warns about every package it looks up in an empty local
   # index; those lines are noise, everything else is shown.
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$repo/requirements-test.txt" 2>&1 \
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements" 2>&1 \
     | { grep -v "^WARNING: Location '" || true; }
   "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -e "$repo" 2>&1 \
     | { grep -v "^WARNING: Location '" || true; }
-  "$venv/bin/python" -c "import jax, flax, optax, orbax.checkpoint, transformers, torch, tagi_jax"
-  echo "$want" > "$stamp"
-  echo "== environment ready in $((SECONDS - start))s"
+  TF_CPP_MIN_LOG_LEVEL=3 "$venv/bin/python" -c "import jax, flax, optax, orbax.checkpoint, gin, $check, tagi_jax"
+  if [[ "$install" == "test" ]]; then
+    printf '%s\n%s\n' "$want_run" "$want_test" > "$stamp"
+  else
+    echo "$want_run" > "$stamp"
+  fi
+  echo "== environment ready in $((SECONDS - start))s ($(du -sh "$venv" | cut -f1))"
 fi
 export PATH="$venv/bin:$PATH"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1

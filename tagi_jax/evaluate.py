@@ -2,8 +2,9 @@
 --gin.DATA_DIR="'D'" --gin.OUTPUT_DIR="'O'"``: score an export.
 
 The job is the one the run file binds: ``evaluate_p3.*`` bindings (``runs/evaluate_p3.gin``)
-run P3 rank classification (``tagi_jax.evaluation.p3_pipeline.evaluate_p3``); otherwise the
-configurable ``evaluate`` (``tagi_jax.evaluation.pipeline``) scores natural-instructions tasks.
+run P3 rank classification (``tagi_jax.evaluation.p3_pipeline.evaluate_p3``); otherwise
+``evaluate`` (``tagi_jax.evaluation.pipeline``) scores natural-instructions tasks. Both are
+registered with gin in ``tagi_jax.configurables``.
 Each says what it writes; flags are ``tagi_jax.train``'s (``--gin_file``, ``--gin_bindings``,
 ``--gin.NAME=VALUE``). Bad input (missing export or data directory, unknown split, an export
 whose parameters hold NaN or Inf, ...) is one ``error:`` line, exit 2.
@@ -34,13 +35,11 @@ def run_configured() -> dict:
     jobs = bound_jobs(gin.config_str())
     if len(jobs) > 1:
         raise ValueError(f"the gin config binds both {' and '.join(jobs)}: evaluate one job")
+    from tagi_jax import configurables
+
     if jobs == ["evaluate_p3"]:
-        from tagi_jax.evaluation import p3_pipeline
-
-        return p3_pipeline.evaluate_p3()
-    from tagi_jax.evaluation import pipeline
-
-    return pipeline.evaluate()
+        return configurables.evaluate_p3()
+    return configurables.evaluate()
 
 
 def main(argv: list[str] | None = None) -> int:

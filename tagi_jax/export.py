@@ -174,18 +174,18 @@ def _initial_params(
     checkpoint's trainable partition does not replace), and the ``t5/`` paths its backbone
     source provides.
 
-    The loop creates parameters with a jitted init (``loop.sharded_params``); an eager
+    The loop creates parameters with a jitted init (``model_setup.sharded_params``); an eager
     ``tagi.init_params`` differs from it in the last bit (XLA fuses the initialisers), so when
     a frozen parameter comes from the seed it is rebuilt by that same function (on a one-device
     mesh). When the base provides every frozen parameter (the usual TAGI run) no initialisation
     runs at all: the loop's init passes grafted base leaves through unchanged, and a random
     backbone of billions of parameters would only be thrown away.
     """
-    # The trainer builds the initial parameters; only a run whose frozen parameters are not
-    # all in its base (seed-initialised ones) needs it, so it is imported here.
+    # The trainer's model setup builds the initial parameters; only a run whose frozen
+    # parameters are not all in its base (seed-initialised ones) needs it: imported here.
     from tagi_jax.parallel import mesh as mesh_lib
     from tagi_jax.parallel import partitioning
-    from tagi_jax.training import loop
+    from tagi_jax.training import model_setup
 
     source = init_from or base_checkpoint
     base = None
@@ -205,9 +205,9 @@ def _initial_params(
     encoder = None
     if instruction_encoder_checkpoint is not None and init_from is None:
         # the frozen separate instruction encoder the run loaded (the teacher's, by default)
-        encoder = loop.load_instruction_encoder(instruction_encoder_checkpoint)
+        encoder = model_setup.load_instruction_encoder(instruction_encoder_checkpoint)
         print(f"loaded the instruction encoder from {instruction_encoder_checkpoint}")
-    params, _ = loop.sharded_params(
+    params, _ = model_setup.sharded_params(
         model, mesh, partitioning.DEFAULT_RULES, seed, graft, init_from, instruction_encoder=encoder
     )
     reason = "the initial student" if init_from else f"seed {seed}'s initialisation"
@@ -313,10 +313,10 @@ def export_run(
 def _instruction_tokens(loaded: export_format.Export, instruction: str) -> np.ndarray:
     """The instruction as the hypernetwork reads it: the export's vocabulary, trimmed to the
     instruction length the student trained with."""
-    from tagi_jax.evaluation import ni_eval
+    from tagi_jax.data import tokens
 
     length = loaded.data.get("feature_lengths", {}).get("hyper_inputs", 1024)
-    return ni_eval.encode_padded(loaded.vocabulary(), [instruction], length)
+    return tokens.encode_padded(loaded.vocabulary(), [instruction], length)
 
 
 def export_peft(

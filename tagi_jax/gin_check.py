@@ -2,8 +2,9 @@
 
 gin accepts a binding to any registered configurable, called or not: ``LoraTeacherConfig.rank``
 in a ``train`` run, ``evaluate.x`` in a training run file or ``NIConfig.on_error`` where no
-NIConfig is built would parse and change nothing. A stage calls ``check_bindings_used`` first
-thing, when gin has evaluated every ``@Configurable()`` of the stage's own arguments, and a
+NIConfig is built would parse and change nothing. Each entry point registered in
+``tagi_jax.configurables`` calls ``check_bindings_used`` before its stage starts, when gin has
+evaluated every ``@Configurable()`` of the stage's own arguments, and a
 binding that is still not in gin's operative config (what was actually used) is an error naming
 it. Macros (``NAME = value``, no dot) are exempt: they are values that bindings refer to.
 Without a parsed config (a direct Python call) there is nothing to check.

@@ -31,20 +31,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from tagi_jax.data.tokens import EOS_ID, encode_padded
 from tagi_jax.models import lora, t5, tagi
 from tagi_jax.models.tagi_config import TagiConfig
 
-EOS_ID = 1
 DEFAULT_LENGTHS = {"inputs": 1024, "hyper_inputs": 1024, "targets": 128}
-
-
-def encode_padded(vocabulary, texts: Sequence[str], length: int) -> np.ndarray:
-    """EOS-terminated ids, trimmed (EOS kept last) and padded to ``length``."""
-    out = np.zeros((len(texts), length), np.int32)
-    for row, text in enumerate(texts):
-        ids = list(vocabulary.encode(text))[: length - 1] + [EOS_ID]
-        out[row, : len(ids)] = ids
-    return out
 
 
 def decode_text(vocabulary, ids) -> str:

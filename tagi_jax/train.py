@@ -1,13 +1,13 @@
 """``python -m tagi_jax.train --gin_file=runs/tiny_cpu.gin --gin.MODEL_DIR="'/tmp/run'"``.
 
-Flags: ``--gin_file`` (repeatable; searched in ``gin_configs/`` and ``--gin_search_paths``),
-``--gin_bindings`` (repeatable) and ``--gin.NAME=VALUE`` (rewritten to a binding, t5x style).
+Flags: ``--gin_file`` (repeatable; a path, or a name searched in ``--gin_search_paths`` and
+the packaged ``tagi_jax/gin_configs/``), ``--gin_bindings`` (repeatable) and ``--gin.NAME=VALUE`` (rewritten to a binding, t5x style).
 The parsed config goes to ``<MODEL_DIR>/config.gin`` before training and the operative config
 (every value actually used) to ``<MODEL_DIR>/operative_config.gin`` after.
 
 The run file's ``run.stage`` picks what runs: ``train`` (the training loop: the metatrain,
 hyper_pretrain and finetune stages) or ``lora_teachers``. Stage run files live in
-``gin_configs/runs/``; add a ``gin_configs/mesh/`` file for accelerators. Bad input (unknown
+``tagi_jax/gin_configs/runs/``; add a ``mesh/`` file for accelerators. Bad input (unknown
 binding or file, bad data, a missing, corrupt or mismatched checkpoint, a non-finite loss or
 update, a full disk, a second trainer on the same directory) ends with one ``error:`` line and
 exit status 2.
@@ -23,7 +23,7 @@ import sys
 
 import gin
 
-GIN_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs")
+from tagi_jax import gin_configs
 
 
 def parse_flags(
@@ -59,47 +59,30 @@ def resolve_gin_file(name: str, search: list[str]) -> str:
 
 
 def register_configurables() -> None:
-    """Imports every module that declares a gin configurable (none reads data or devices)."""
+    """Registers every gin configurable: all live in ``tagi_jax.configurables`` (importing it
+    reads no data and touches no device)."""
     import tagi_jax.configurables  # noqa: F401
-    import tagi_jax.evaluation.pipeline  # noqa: F401
-    import tagi_jax.training.loop  # noqa: F401
-    import tagi_jax.training.stages  # noqa: F401
-    import tagi_jax.training.teacher_stage  # noqa: F401
 
 
-def _tolerate_namespace_packages() -> None:
-    """gin looks up an include like ``models/x.gin`` also as a resource of a Python package
-    ``models``; a plain ``models/`` or ``runs/`` directory in the working directory is such a
-    package without a file, and gin's lookup crashes with a TypeError instead of moving on to
-    the search paths. Treat that as "not there"."""
-    readers = getattr(gin.config, "_FILE_READERS", None)
-    if readers is None:
-        return
-
-    def tolerant(check):
-        if getattr(check, "_tagi_tolerant", False):
-            return check
-
-        def exists(path):
-            try:
-                return check(path)
-            except TypeError:
-                return False
-
-        exists._tagi_tolerant = True
-        return exists
-
-    readers[:] = [(reader, tolerant(check)) for reader, check in readers]
+def _from_gin_package_lookup(error: BaseException) -> bool:
+    """Whether ``error`` was raised inside gin's package-resource lookup of an include."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(os.path.join("gin", "resource_reader.py")):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def parse_gin(args: argparse.Namespace) -> None:
     """Parses files and bindings; any gin error becomes one message naming the culprit."""
     register_configurables()
-    _tolerate_namespace_packages()
-    search = [*args.gin_search_paths, GIN_ROOT]
+    # Includes: a name in the user's search paths or the packaged gin files, or a package path
+    # (`tagi_jax/gin_configs/...`, which gin itself resolves through the installed package).
+    search = [*args.gin_search_paths, gin_configs.root()]
     for path in search:
         gin.add_config_file_search_path(path)
-    files = [resolve_gin_file(name, search) for name in args.gin_file]
+    files = [resolve_gin_file(name, [*search, gin_configs.site_root()]) for name in args.gin_file]
     # gin logs a root-level ERROR for every search path an include is not found in before the
     # one it is found in; a real failure still raises below.
     root = logging.getLogger()
@@ -109,6 +92,23 @@ def parse_gin(args: argparse.Namespace) -> None:
         gin.parse_config_files_and_bindings(files, args.gin_bindings)
     except (ValueError, SyntaxError, KeyError, ImportError, OSError) as e:
         config_error(f"bad gin configuration: {e}")
+    except TypeError as e:
+        if not _from_gin_package_lookup(e):
+            config_error(f"bad gin configuration: {e}")
+        # gin-config looks an include `a/b.gin` up as a resource of a Python package `a` too;
+        # a plain directory `a/` where Python looks (the working directory) is a namespace
+        # package, and gin's lookup crashes on it (os.path.dirname(None)).
+        shadows = sorted(
+            name
+            for name in os.listdir(".")
+            if os.path.isdir(name) and not os.path.exists(os.path.join(name, "__init__.py"))
+        )
+        config_error(
+            f"gin could not resolve an include ({e}): a directory in the working directory "
+            f"({', '.join(shadows) or 'none found'}) has the name of the include's first "
+            f"part; include packaged files by their package path "
+            f"('{gin_configs.INCLUDE_PREFIX}/runs/...') or run from another directory"
+        )
     finally:
         root.setLevel(level)
 
@@ -135,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_tensorflow()
     args = parse_flags(sys.argv[1:] if argv is None else argv)
     parse_gin(args)
-    from tagi_jax.training import checkpointing, stages
+    from tagi_jax import configurables
+    from tagi_jax.training import checkpointing
 
     try:
-        stages.run()
+        configurables.run()
     except (
         OSError,  # missing files, a full disk (CheckpointWriteError)
         FloatingPointError,  # a non-finite loss or update

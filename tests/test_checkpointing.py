@@ -31,6 +31,7 @@ def _run(step, state, frozen, start, count):
     return state
 
 
+@pytest.mark.slow
 def test_six_steps_equal_three_steps_kill_and_three_resumed(tmp_path):
     frozen, state, step = _setup()
     straight = _run(step, state, frozen, 0, 6)

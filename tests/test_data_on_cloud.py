@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from tagi_jax import paths
-from tagi_jax.data import example_index, ni, vocab
+from tagi_jax.data import example_index, ni, pipeline, vocab
+from tagi_jax.data.config import DataConfig
 from tagi_jax.data.errors import DataError
-from tagi_jax.training import inputs
 
 LENGTHS = (("inputs", 96), ("hyper_inputs", 96), ("teacher_inputs", 128), ("targets", 32))
 BATCH = 4
@@ -98,10 +98,10 @@ def test_preflight_and_first_batches_on_gs_equal_local(suite):
 
     local, remote = suite
     config = ni.NIConfig()
-    data = inputs.DataConfig(
+    data = DataConfig(
         task="tagi_suite_def_pos2", suite_dir=remote, feature_lengths=LENGTHS, ni=config
     )
-    inputs.preflight(data)  # every task file read from gs:// and checked
+    pipeline.preflight(data)  # every task file read from gs:// and checked
     assert ni.first_examples(remote, "train", config) == ni.first_examples(local, "train", config)
     tasks.register_tasks(vocabulary=BYTES, suite_dir=local, prefix="cloud_local")
     tasks.register_tasks(vocabulary=BYTES, suite_dir=remote, prefix="cloud_gs")
@@ -128,11 +128,11 @@ def test_bad_task_file_on_gs_is_the_local_one_line_error(bucket, tmp_path, case)
         if case in BAD_TASKS:
             paths.makedirs(paths.join(root, "tasks"))
             paths.write_bytes(paths.join(root, "tasks", "task1.json"), BAD_TASKS[case])
-        data = inputs.DataConfig(
+        data = DataConfig(
             task="tagi_suite_def", suite_dir=root, feature_lengths=LENGTHS, ni=ni.NIConfig()
         )
         with pytest.raises(DataError) as error:
-            inputs.preflight(data)
+            pipeline.preflight(data)
         messages.append(str(error.value))
     local, remote = messages
     gs_file = f"{bucket}/bad_{case.replace(' ', '_')}/tasks/task1.json"
@@ -141,11 +141,9 @@ def test_bad_task_file_on_gs_is_the_local_one_line_error(bucket, tmp_path, case)
 
 
 def test_missing_gs_directory_fails_check_paths(bucket):
-    data = inputs.DataConfig(
-        task="tagi_suite_def", suite_dir=f"{bucket}/nowhere", feature_lengths=LENGTHS
-    )
+    data = DataConfig(task="tagi_suite_def", suite_dir=f"{bucket}/nowhere", feature_lengths=LENGTHS)
     with pytest.raises(DataError, match=f"DataConfig.suite_dir: .* {bucket}/nowhere$"):
-        inputs.check_paths(data)
+        pipeline.check_paths(data)
 
 
 # --- P3 ----------------------------------------------------------------------------------------
@@ -278,8 +276,8 @@ def test_c4_jsonl_on_gs_gives_the_local_batches(bucket, tmp_path):
     remote = f"{bucket}/c4/c4.jsonl"
     paths.copyfile(str(local), remote)
     assert list(c4.read_documents([remote])) == docs
-    inputs.preflight(
-        inputs.DataConfig(task="tagi_c4_pretrain", c4_files=(remote,), feature_lengths=LENGTHS)
+    pipeline.preflight(
+        DataConfig(task="tagi_c4_pretrain", c4_files=(remote,), feature_lengths=LENGTHS)
     )
     lengths = (("inputs", 128), ("hyper_inputs", 128), ("targets", 128))
     for where, path in (("local", str(local)), ("gs", remote)):

@@ -352,10 +352,9 @@ def test_one_gin_niconfig_reaches_training_the_teacher_stage_and_evaluation(tmp_
     """`NIConfig.<field>` in a run reaches the DataConfig the `train` and `lora_teachers` stages
     receive (and through it their batches and teacher groups) and the config `evaluate`
     formats with: one NIConfig, nothing rebuilt or dropped on the way."""
+    from tagi_jax import configurables
     from tagi_jax import train as train_cli
-    from tagi_jax.data import ni, synthetic
-    from tagi_jax.evaluation import pipeline
-    from tagi_jax.training import inputs, stages, teacher_stage
+    from tagi_jax.data import ni, pipeline, synthetic
 
     suite = str(tmp_path / "suite")
     synthetic.write_suite(suite, instances_per_train_task=4, instances_per_test_task=2)
@@ -383,11 +382,11 @@ def test_one_gin_niconfig_reaches_training_the_teacher_stage_and_evaluation(tmp_
         with train_cli.configured(flags), pytest.raises(Reached):
             call()
 
-    monkeypatch.setattr(inputs, "check_paths", capture("data"))  # the stages' first data use
-    run(stages.run, "runs/tiny_cpu.gin", f"--gin.MODEL_DIR='{tmp_path / 'train'}'")
+    monkeypatch.setattr(pipeline, "check_paths", capture("data"))  # the stages' first data use
+    run(configurables.run, "runs/tiny_cpu.gin", f"--gin.MODEL_DIR='{tmp_path / 'train'}'")
     train_data = seen.pop("data")
     run(
-        stages.run,
+        configurables.run,
         "runs/tiny_cpu_lora_teachers.gin",
         f"--gin.MODEL_DIR='{tmp_path / 'teachers'}'",
         f"--gin.BASE_CHECKPOINT='{tmp_path}'",
@@ -403,7 +402,7 @@ def test_one_gin_niconfig_reaches_training_the_teacher_stage_and_evaluation(tmp_
     (export_dir / "vocabulary.json").write_text(json.dumps({"kind": "byte"}))
     monkeypatch.setattr(ni, "iter_examples", capture("evaluate", 2))  # (dir, split, config)
     run(
-        pipeline.evaluate,
+        configurables.evaluate,
         "runs/evaluate_suite.gin",
         f"--gin.EXPORT_DIR='{export_dir}'",
         f"--gin.OUTPUT_DIR='{tmp_path / 'eval'}'",
@@ -416,12 +415,12 @@ def test_one_gin_niconfig_reaches_training_the_teacher_stage_and_evaluation(tmp_
 
     # ... and it is what their data is made with: Tk-Instruct's budget on every teacher source
     # (the feature length, 320, would let longer ones through), 3 instances per task.
-    batch = next(inputs.train_batches(train_data, 16, seed=0, skip=0, with_teacher=True))
+    batch = next(pipeline.train_batches(train_data, 16, seed=0, skip=0, with_teacher=True))
     assert (batch["teacher_input_tokens"] > 0).sum(axis=1).max() <= budget
     unbudgeted = dataclasses.replace(train_data, ni=ni.NIConfig())
-    batch = next(inputs.train_batches(unbudgeted, 16, seed=0, skip=0, with_teacher=True))
+    batch = next(pipeline.train_batches(unbudgeted, 16, seed=0, skip=0, with_teacher=True))
     assert (batch["teacher_input_tokens"] > 0).sum(axis=1).max() > budget
-    groups = teacher_stage.group_examples(teacher_data, "task", BYTES)
+    groups = pipeline.group_examples(teacher_data, "task", BYTES)
     for sources, targets in groups.values():
         assert len(sources) == len(targets) == 3
         assert (sources > 0).sum(axis=1).max() <= budget

@@ -1,6 +1,11 @@
 """``tagi_jax.export`` and ``tagi_jax.evaluate`` on the tiny run: exact parameters, base
 references, overwrite refusal, errors that name the path, and scores consistent with their
-per-example records."""
+per-example records.
+
+The run is the session's shared tiny run (conftest.tiny_run, read only); the second run on a
+base, and the export and evaluate CLIs' error cases, run in this process. Processes of their
+own only for one export and one evaluation, as users run them.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import gin
 import jax
@@ -32,15 +38,21 @@ def _run(module: str, *flags: str, timeout: int = 600):
 
 
 def _train(model_dir: str, suite: str, steps: int, *flags: str) -> str:
-    result = _run(
-        "tagi_jax.train",
-        "--gin_file=runs/tiny_cpu.gin",
-        f"--gin.MODEL_DIR='{model_dir}'",
-        f"--gin.DATA_DIR='{suite}'",
-        f"--gin.TRAIN_STEPS={steps}",
-        *flags,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    """The trainer's CLI in this process (8 fake devices, data-parallel)."""
+    from tagi_jax import configurables
+    from tagi_jax import train as train_cli
+
+    with train_cli.configured(
+        [
+            "--gin_file=runs/tiny_cpu.gin",
+            f"--gin.MODEL_DIR='{model_dir}'",
+            f"--gin.DATA_DIR='{suite}'",
+            f"--gin.TRAIN_STEPS={steps}",
+            "--gin.train.mesh_shape=(-1, 1)",
+            *flags,
+        ]
+    ):
+        configurables.train()
     return model_dir
 
 
@@ -52,18 +64,16 @@ def _batch(vocab_size: int):
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory):
-    from tagi_jax.data import synthetic
-
-    out = str(tmp_path_factory.mktemp("suite"))
-    synthetic.write_suite(out, instances_per_train_task=8, instances_per_test_task=4)
-    return out
+def suite(tiny_suite):
+    return tiny_suite
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, suite):
-    """A finished tiny run with no base checkpoint (the backbone is the seed's init)."""
-    return _train(str(tmp_path_factory.mktemp("runs") / "run"), suite, 4)
+def run(tiny_run):
+    """A finished tiny run with no base checkpoint (the backbone is the seed's init), 4 steps,
+    its one checkpoint at step 4."""
+    assert tiny_run.steps == 4
+    return tiny_run.model_dir
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +81,7 @@ def exported(run, tmp_path_factory):
     return export.export_run(run, str(tmp_path_factory.mktemp("exports") / "e"))
 
 
+@pytest.mark.slow
 def test_export_layout_and_exact_parameters(run, exported):
     files = ("tagi_config.json", "params", "base.json", "export.json", "t5/t5_config.json")
     for name in (*files, "vocabulary.json", "data.json"):
@@ -125,6 +136,7 @@ def _loop_export(model_dir, model):
     return loaded.params
 
 
+@pytest.mark.slow
 def test_export_with_base_reference(run, suite, tmp_path):
     base = os.path.join(run, "export", "t5")
     second = _train(str(tmp_path / "second"), suite, 2, f"--gin.train.base_checkpoint='{base}'")
@@ -173,13 +185,14 @@ def test_export_with_base_reference(run, suite, tmp_path):
         export.export_run(run, str(tmp_path / "ref"), base_by_reference=True)
 
 
-def test_overwrite_is_refused_unless_asked(run, exported, tmp_path):
+@pytest.mark.slow
+def test_overwrite_is_refused_unless_asked(run, exported, tmp_path, run_main):
     out = str(tmp_path / "e")
     shutil.copytree(exported, out)
     with pytest.raises(FileExistsError, match="overwrite"):
         export.export_run(run, out)
-    result = _run("tagi_jax.export", "--model_dir", run, "--out", out)
-    assert result.returncode == 2 and out in result.stderr and "--overwrite" in result.stderr
+    code, _, err = run_main(export.main, ["--model_dir", run, "--out", out])
+    assert code == 2 and out in err and "--overwrite" in err
     os.remove(os.path.join(out, "export.json"))  # so a rewrite shows
     export.export_run(run, out, step=4, overwrite=True)
     assert os.path.isfile(os.path.join(out, "export.json"))
@@ -187,6 +200,7 @@ def test_overwrite_is_refused_unless_asked(run, exported, tmp_path):
     export_format.load(out)
 
 
+@pytest.mark.slow
 def test_bad_inputs_name_the_path(run, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         export.export_run(str(tmp_path / "nope"), str(tmp_path / "e"))
@@ -243,6 +257,7 @@ def _check_consistent(output_dir: str, prefix: str = "") -> dict:
     return results
 
 
+@pytest.mark.slow
 def test_evaluate_cli(exported, suite, tmp_path):
     out = str(tmp_path / "eval")
     result = _run(
@@ -279,14 +294,20 @@ def test_evaluate_cli(exported, suite, tmp_path):
     assert "**overall**" in table and "no adapters" in table
 
 
-def test_evaluate_errors_exit_2(exported, suite, tmp_path):
+@pytest.mark.slow
+def test_evaluate_errors_exit_2(exported, suite, tmp_path, run_main):
+    from tagi_jax import evaluate as evaluate_cli
+
     def evaluate(*flags):
-        return _run(
-            "tagi_jax.evaluate",
-            "--gin_file=runs/evaluate_suite.gin",
-            f"--gin.OUTPUT_DIR='{tmp_path / 'out'}'",
-            *flags,
+        code, _, err = run_main(
+            evaluate_cli.main,
+            [
+                "--gin_file=runs/evaluate_suite.gin",
+                f"--gin.OUTPUT_DIR='{tmp_path / 'out'}'",
+                *flags,
+            ],
         )
+        return types.SimpleNamespace(returncode=code, stderr=err)
 
     missing_export = evaluate(
         f"--gin.EXPORT_DIR='{tmp_path / 'no_export'}'", f"--gin.DATA_DIR='{suite}'"

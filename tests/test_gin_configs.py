@@ -9,8 +9,8 @@ import jax
 import pytest
 
 from tagi_jax import configurables
+from tagi_jax.data.config import DataConfig
 from tagi_jax.models import t5
-from tagi_jax.training import loop
 
 GIN_ROOT = os.path.join(os.path.dirname(__file__), "..", "gin_configs")
 ALL_GIN = sorted(glob.glob(os.path.join(GIN_ROOT, "**", "*.gin"), recursive=True))
@@ -50,8 +50,6 @@ REQUIRED_MACROS = (
 
 def _resolve_everything_bound():
     """Builds every configurable the parsed files bind, so a bad field or value fails here."""
-    from tagi_jax.parallel import distributed
-
     builders = {
         "T5Config": configurables.t5_config,
         "HyperConfig": configurables.hyper_config,
@@ -60,8 +58,8 @@ def _resolve_everything_bound():
         "OptimizerConfig": configurables.optimizer_config,
         "LoraTeacherConfig": configurables.lora_teacher_config,
         "NIConfig": configurables.ni_config,
-        "DataConfig": loop.DataConfig,
-        "DistributedConfig": distributed.DistributedConfig,
+        "DataConfig": configurables.data_config,
+        "DistributedConfig": configurables.distributed_config,
     }
     text = gin.config_str()
     built = {name: build() for name, build in builders.items() if f"{name}." in text}
@@ -196,17 +194,66 @@ def test_tensorflow_stays_inside_the_data_package():
                     assert module not in ("tensorflow", "seqio"), f"{path}:{number}: {line}"
 
 
-def test_includes_resolve_beside_same_named_directories(tmp_path, monkeypatch):
+def test_a_users_file_includes_packaged_files_from_any_directory(tmp_path, monkeypatch):
+    """A user's own gin file, outside the package, includes packaged files by name (through the
+    search path) or by package path (through gin's package lookup), from any directory."""
+    from tagi_jax import train
+
+    monkeypatch.chdir(tmp_path)
+    for include in ("models/t5_suite.gin", "tagi_jax/gin_configs/models/t5_suite.gin"):
+        gin.clear_config()
+        (tmp_path / "mine.gin").write_text(f"include '{include}'\nT5Config.num_heads = 3\n")
+        train.parse_gin(train.parse_flags(["--gin_file=mine.gin"]))
+        config = configurables.t5_config()
+        assert (config.d_model, config.num_heads) == (128, 3), include
+
+
+def test_package_path_includes_resolve_beside_same_named_directories(tmp_path, monkeypatch, capsys):
     """A `models/` or `runs/` directory in the working directory (run outputs, say) is a
-    namespace package to Python; gin's package lookup used to crash on it."""
+    namespace package to Python. Packaged files include each other by package path, which
+    such a directory cannot shadow; a user's short include that it shadows is one clear error
+    (gin-config's package lookup crashes on namespace packages) naming the way out."""
     from tagi_jax import train
 
     for name in ("models", "runs"):
         (tmp_path / name).mkdir()
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "mine.gin").write_text("include 'models/t5_suite.gin'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # as `python -m` puts the working directory
+    macros = [f"--gin.{m}='/{m}'" for m in ("EXPORT_DIR", "DATA_DIR", "OUTPUT_DIR")]
+    # includes runs/evaluate_suite.gin (evaluate.split) and sets evaluate.compare_base
+    train.parse_gin(train.parse_flags(["--gin_file=runs/evaluate_suite_main_job.gin", *macros]))
+    assert gin.query_parameter("evaluate.split") == "test"
+    assert gin.query_parameter("evaluate.compare_base") is True
+    gin.clear_config()
+    (tmp_path / "mine.gin").write_text("include 'tagi_jax/gin_configs/models/t5_suite.gin'\n")
     train.parse_gin(train.parse_flags(["--gin_file=mine.gin"]))
     assert configurables.t5_config().d_model == 128
+    gin.clear_config()
+    (tmp_path / "mine.gin").write_text("include 'models/t5_suite.gin'\n")
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_gin(train.parse_flags(["--gin_file=mine.gin"]))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "models, runs" in error and "'tagi_jax/gin_configs/runs/...'" in error, error
+
+
+def test_packaged_gin_files_are_package_data():
+    """The gin files live in the package (they ship in the wheel); the top-level `gin_configs`
+    is a link to them, not a second copy; every include names a packaged file by package
+    path."""
+    from tagi_jax import gin_configs
+
+    root = gin_configs.root()
+    assert os.path.realpath(GIN_ROOT) == os.path.realpath(root)
+    assert os.path.realpath(root).endswith(os.path.join("tagi_jax", "gin_configs"))
+    for path in ALL_GIN:
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                if line.startswith("include "):
+                    name = line.split("'")[1]
+                    assert name.startswith(gin_configs.INCLUDE_PREFIX + "/"), f"{path}:{number}"
+                    relative = name[len(gin_configs.INCLUDE_PREFIX) + 1 :]
+                    assert os.path.isfile(gin_configs.path(relative)), f"{path}:{number}"
 
 
 # --- one NIConfig; every binding used by the stage that runs ------------------------------
@@ -233,10 +280,11 @@ def _stop_after_the_check(monkeypatch):
 def _run_stage():
     """What `python -m tagi_jax.train` / `python -m tagi_jax.evaluate` run for the parsed file."""
     from tagi_jax import evaluate
-    from tagi_jax.training import stages
 
     # evaluate.py runs the evaluation job (evaluate or evaluate_p3) a file binds
-    return evaluate.run_configured() if evaluate.bound_jobs(gin.config_str()) else stages.run()
+    return (
+        evaluate.run_configured() if evaluate.bound_jobs(gin.config_str()) else configurables.run()
+    )
 
 
 @pytest.mark.parametrize("path", RUN_FILES, ids=os.path.basename)
@@ -260,7 +308,7 @@ def test_sni_run_files_switch_on_tk_instructs_source_budget():
         flags += [f"--gin.{m}='/tmp/{m.lower()}'" for m in REQUIRED_MACROS]
         with train.configured(flags):
             assert configurables.ni_config().max_source_length == 1024, name
-            assert loop.DataConfig().ni.max_source_length == 1024, name
+            assert configurables.data_config().ni.max_source_length == 1024, name
 
 
 def test_an_unused_binding_is_one_clear_error(tmp_path, capsys):
@@ -328,8 +376,8 @@ def test_data_config_refuses_a_budget_its_lengths_would_undo():
     lengths = (("inputs", 1024), ("hyper_inputs", 1024), ("teacher_inputs", 512), ("targets", 8))
     budget = NIConfig(max_source_length=1024)
     with pytest.raises(ValueError, match=r"\{'teacher_inputs': 512\}.*max_source_length=1024"):
-        loop.DataConfig(task="tagi_sni_def_pos2", feature_lengths=lengths, ni=budget)
-    loop.DataConfig(task="tagi_sni_def_pos2", feature_lengths=lengths, ni=NIConfig())
-    loop.DataConfig(task="tagi_c4_pretrain", feature_lengths=lengths, ni=budget)  # not NI data
+        DataConfig(task="tagi_sni_def_pos2", feature_lengths=lengths, ni=budget)
+    DataConfig(task="tagi_sni_def_pos2", feature_lengths=lengths, ni=NIConfig())
+    DataConfig(task="tagi_c4_pretrain", feature_lengths=lengths, ni=budget)  # not NI data
     with pytest.raises(ValueError, match="num_pos_examples=0 contradicts task 'tagi_sni_def_pos2'"):
-        loop.DataConfig(task="tagi_sni_def_pos2", ni=NIConfig(num_pos_examples=0))
+        DataConfig(task="tagi_sni_def_pos2", ni=NIConfig(num_pos_examples=0))

@@ -195,6 +195,7 @@ def test_truncated_weight_file(tmp_path, v11_dir):
 # --- orbax parameter checkpoints --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_writes_orbax_checkpoint(tmp_path, v11_dir):
     out = tmp_path / "orbax"
     env = dict(os.environ, JAX_PLATFORMS="cpu")

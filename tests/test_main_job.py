@@ -60,6 +60,7 @@ def job(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_the_report_has_every_row_and_cost(job):
     with open(os.path.join(job, "results.json")) as f:
         results = json.load(f)
@@ -85,6 +86,7 @@ def test_the_report_has_every_row_and_cost(job):
         assert sum(1 for _ in f) == 3 * 2 * 19
 
 
+@pytest.mark.slow
 def test_tagi_trains_on_every_term_of_the_full_objective(job):
     metrics = _last_metrics(os.path.join(job, "tagi"))
     for term in ("term/cross_entropy", "term/kl", "term/alignment"):
@@ -99,6 +101,7 @@ def test_tagi_trains_on_every_term_of_the_full_objective(job):
     assert len(teachers["groups"]) == 54 and len(teachers["mean_loss"]) == 2
 
 
+@pytest.mark.slow
 def test_a_second_run_reuses_the_stages_and_adds_the_ablations(job):
     """... scored on the validation tasks this time, into their own report."""
     bank = os.path.join(job, "teachers", "lora_teachers.safetensors")

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tagi_jax.data.tokens import encode_padded
 from tagi_jax.evaluation import p3_eval, p3_pipeline
-from tagi_jax.evaluation.ni_eval import encode_padded
 from tagi_jax.models import lora, tagi
 from tagi_jax.models.tagi_config import HyperConfig, TagiConfig
 from tagi_jax.testing.tiny_t5 import TINY_T5
@@ -192,6 +192,7 @@ def full_forward(copa):
 SETTINGS = dict(input_length=INPUT_LEN, target_length=TARGET_LEN, batch_size=4)
 
 
+@pytest.mark.slow
 def test_scores_match_a_hand_computation(copa, full_forward):
     f = full_forward
     instance = copa[0]
@@ -224,6 +225,7 @@ def test_scores_match_a_hand_computation(copa, full_forward):
     assert p3_eval.predict(np.array([0.5, 0.5, 0.1])) == 0  # ties go to the first choice
 
 
+@pytest.mark.slow
 def test_shared_prompt_encoding_equals_per_choice_forward(copa, full_forward):
     """Prompts encoded once and expanded to their choices (batches of 4 rows: two prompts, then
     one and padding) give the scores of full forwards generating adapters for every row."""
@@ -264,11 +266,11 @@ MESH = ("--gin.train.mesh_shape=(-1, 1)", "--gin.BATCH_SIZE=8")
 
 
 def _stage(*flags):
+    from tagi_jax import configurables
     from tagi_jax import train as train_cli
-    from tagi_jax.training import stages
 
     with train_cli.configured(list(flags)):
-        return stages.run()
+        return configurables.run()
 
 
 def _tiny_base(directory: str) -> str:
@@ -340,6 +342,7 @@ def chain(tmp_path_factory):
     return {"p3_dir": p3_dir, "bank": bank, "finetune": finetune, "export": exported}
 
 
+@pytest.mark.slow
 def test_p3_chain_trains_and_evaluates(chain, tmp_path):
     from tagi_jax.distill import lora_teachers
 
@@ -396,6 +399,7 @@ def test_p3_chain_trains_and_evaluates(chain, tmp_path):
     assert os.path.isfile(os.path.join(out, "results.md"))
 
 
+@pytest.mark.slow
 def test_cli_missing_p3_dir_is_one_error_line(chain, tmp_path, capsys):
     from tagi_jax import evaluate
 

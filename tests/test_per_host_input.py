@@ -9,12 +9,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import seqio
 
-from tagi_jax.data import c4, example_index, feature_converter, ni, p3_tasks, tasks, vocab
+from tagi_jax.data import c4, example_index, feature_converter, ni, p3_tasks, pipeline, tasks, vocab
+from tagi_jax.data.config import DataConfig
 from tagi_jax.parallel import mesh as mesh_lib
 from tagi_jax.training import inputs
 
@@ -34,8 +36,8 @@ def suite(tmp_path_factory):
     return out
 
 
-def _data(suite) -> inputs.DataConfig:
-    return inputs.DataConfig(
+def _data(suite) -> DataConfig:
+    return DataConfig(
         task="tagi_suite_def_pos2", suite_dir=suite, feature_lengths=LENGTHS, ni=ni.NIConfig()
     )
 
@@ -77,6 +79,18 @@ class _Counter:
 
         monkeypatch.setattr(module, name, counted)
 
+    def settle(self, quiet: float = 0.3, timeout: float = 30.0) -> "_Counter":
+        """Waits until no call came for ``quiet`` seconds, then counts from zero: a stream
+        closed before counting began may still finish its read-ahead on tf.data's threads
+        (more of it when the machine is busy), and that is not the next stream's reading."""
+        deadline = time.monotonic() + timeout
+        last = -1
+        while self.calls != last and time.monotonic() < deadline:
+            last = self.calls
+            time.sleep(quiet)
+        self.calls = 0
+        return self
+
 
 # --- the order -----------------------------------------------------------------------------
 
@@ -112,7 +126,7 @@ def test_indexed_ni_examples_are_iter_examples(suite):
 
 def test_an_epoch_holds_what_the_seqio_task_gives(suite):
     data = _data(suite)
-    inputs.register_data(data, BYTES)
+    pipeline.register_data(data, BYTES)
     size = sum(ni.IndexedExamples(suite, "train", data.ni_for_task()).sizes)
     batch = max(b for b in range(1, 64) if size % b == 0)  # batches that make one epoch
     stream = feature_converter.host_batches(
@@ -137,7 +151,7 @@ def _rows(batches):
 
 def test_halves_of_the_rows_make_the_global_batch(suite):
     data = _data(suite)
-    inputs.register_data(data, BYTES)
+    pipeline.register_data(data, BYTES)
     whole = _take(_stream(data.task), 4)
     first = _take(_stream(data.task, rows=range(0, 4)), 4)
     second = _take(_stream(data.task, rows=range(4, 8)), 4)
@@ -154,17 +168,17 @@ def test_halves_of_the_rows_make_the_global_batch(suite):
 
 def test_resume_starts_at_batch_k_without_formatting_batches_before(suite, monkeypatch):
     data = _data(suite)
-    inputs.register_data(data, BYTES)
+    pipeline.register_data(data, BYTES)
     k = 46  # 54 tasks x 7 = 378 examples an epoch: batch 47 spans epochs 0 and 1
     straight = _take(_stream(data.task), k + 3)
-    formatted = _Counter(monkeypatch, ni, "format_instance")
+    formatted = _Counter(monkeypatch, ni, "format_instance").settle()
     resumed = _take(_stream(data.task, start=k), 3)
     for a, b in zip(straight[k:], resumed, strict=True):
         _assert_same(a, b)
     # only what 3 batches (and the pipeline's read-ahead) need, never the k * 8 before
     assert 0 < formatted.calls <= 8 * BATCH < k * BATCH, formatted.calls
     # and one process of two formats only its rows
-    formatted.calls = 0
+    formatted.settle()
     half = _take(_stream(data.task, rows=range(4), start=k), 3)
     for a, b in zip(straight[k:], half, strict=True):
         _assert_same({key: v[:4] for key, v in a.items()}, b)
@@ -179,8 +193,9 @@ import jax, numpy as np
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
 from tagi_jax.data import ni
 from tagi_jax.parallel import mesh as mesh_lib
+from tagi_jax.data.config import DataConfig
 from tagi_jax.training import inputs
-data = inputs.DataConfig(task="tagi_suite_def_pos2", suite_dir=sys.argv[3],
+data = DataConfig(task="tagi_suite_def_pos2", suite_dir=sys.argv[3],
                          feature_lengths={lengths!r}, ni=ni.NIConfig())
 out = {{}}
 for name, shape in (("data4", (4, 1)), ("data2_model2", (2, 2))):
@@ -207,6 +222,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_read_only_their_rows_of_the_one_process_batches(suite, tmp_path):
     port = _free_port()
     env = dict(
@@ -232,7 +248,7 @@ def test_two_processes_read_only_their_rows_of_the_one_process_batches(suite, tm
         assert p.returncode == 0, err[-3000:]
         assert "of 2 devices 4" in out
     data = _data(suite)
-    inputs.register_data(data, BYTES)
+    pipeline.register_data(data, BYTES)
     reference = _take(_stream(data.task, start=1), 2)  # one process, every row
     results = [np.load(tmp_path / f"{p}.npz") for p in range(2)]
     # data over 4 devices, 2 per process: each process reads its half, in process order
@@ -308,7 +324,7 @@ def test_p3_mixture_per_host_and_resumed(p3_dirs, fmt, monkeypatch):
     lengths = (("inputs", 256), ("hyper_inputs", 256), ("teacher_inputs", 256), ("targets", 16))
     k = 7  # past the first epoch (5 rows of each task)
     straight = _take(_stream(mixture, lengths=lengths), k + 2)
-    read = _Counter(monkeypatch, p3_tasks, "_example")
+    read = _Counter(monkeypatch, p3_tasks, "_example").settle()
     first = _take(_stream(mixture, rows=range(4), start=k, lengths=lengths), 2)
     second = _take(_stream(mixture, rows=range(4, 8), start=k, lengths=lengths), 2)
     for w, a, b in zip(straight[k:], first, second, strict=True):
@@ -342,7 +358,7 @@ def test_local_c4_per_host_and_resumed(tmp_path, monkeypatch):
     lengths = (("inputs", 256), ("hyper_inputs", 256), ("targets", 256))
     k = 9  # 60 documents an epoch
     straight = _take(_stream(task, with_teacher=False, lengths=lengths), k + 2)
-    read = _Counter(monkeypatch, c4, "_document")
+    read = _Counter(monkeypatch, c4, "_document").settle()
     first = _take(_stream(task, rows=range(4), start=k, with_teacher=False, lengths=lengths), 2)
     second = _take(_stream(task, rows=range(4, 8), start=k, with_teacher=False, lengths=lengths), 2)
     for w, a, b in zip(straight[k:], first, second, strict=True):

@@ -17,9 +17,10 @@ import pytest
 
 from tagi_jax.artifacts import export_format
 from tagi_jax.data import ni
+from tagi_jax.data.tokens import encode_padded
 from tagi_jax.models import tagi
 from tagi_jax.models.tagi_config import HyperConfig, TagiConfig
-from tagi_jax.predictor import Predictor, decode_text, encode_padded
+from tagi_jax.predictor import Predictor, decode_text
 from tagi_jax.testing.tiny_t5 import TINY_T5
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,6 +133,7 @@ def _predict(*flags):
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
 
 
+@pytest.mark.slow
 def test_predict_cli(exported, tmp_path):
     out, config, params = exported
     rows = [
@@ -164,6 +166,7 @@ def test_predict_cli(exported, tmp_path):
     assert result.returncode == 2 and "--overwrite" in result.stderr
 
 
+@pytest.mark.slow
 def test_reader_and_predictor_do_not_import_the_trainer(exported):
     out, _, _ = exported
     code = (
@@ -192,6 +195,7 @@ def test_bad_exports_are_named(exported, tmp_path):
         Predictor.load(str(broken))
 
 
+@pytest.mark.slow
 def test_beam_search_through_the_predictor(exported):
     """``beam_size > 1`` returns the best beam of ``beam_search`` (with per-task adapters
     expanded over the batch); beam 1 is greedy."""

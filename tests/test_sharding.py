@@ -67,6 +67,7 @@ def test_mesh_shape_inference(mesh):
         mesh_lib.make_mesh((-1, -1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_sharded_forward_equals_single_device(mesh, scan_layers):
     config = CONFIG.replace(scan_layers=scan_layers)

@@ -9,9 +9,10 @@ import os
 import numpy as np
 import pytest
 
+from tagi_jax import configurables
 from tagi_jax import train as train_cli
 from tagi_jax.distill import lora_teachers
-from tagi_jax.training import stages, teacher_stage
+from tagi_jax.training import teacher_stage
 
 # 8 fake devices in the test process: data-parallel over all of them.
 MESH = "--gin.train.mesh_shape=(-1, 1)"
@@ -28,7 +29,7 @@ def suite(tmp_path_factory):
 
 def _run(*flags):
     with train_cli.configured(list(flags)):
-        return stages.run()
+        return configurables.run()
 
 
 def _tiny(model_dir, suite, *extra):
@@ -60,6 +61,7 @@ def metatrain(tmp_path_factory, suite):
     return model_dir
 
 
+@pytest.mark.slow
 def test_lora_teachers_stage_writes_a_bank_per_task(tmp_path, suite, metatrain):
     out = str(tmp_path / "teachers")
     path = _run(
@@ -89,6 +91,7 @@ def test_lora_teachers_stage_writes_a_bank_per_task(tmp_path, suite, metatrain):
         )
 
 
+@pytest.mark.slow
 def test_finetune_with_logit_and_lora_teachers(tmp_path, suite, metatrain):
     bank = _run(
         "--gin_file=runs/tiny_cpu_lora_teachers.gin",
@@ -141,6 +144,7 @@ def test_finetune_with_logit_and_lora_teachers(tmp_path, suite, metatrain):
     assert at_one["grad_norm/alignment"] != pytest.approx(first["grad_norm/alignment"])
 
 
+@pytest.mark.slow
 def test_authors_code_encodes_instructions_with_the_teachers_encoder(tmp_path, suite, metatrain):
     """methods/authors_code.gin: the separate frozen instruction encoder holds the logit
     teacher's encoder (by default, as the authors' collator), through the trainer, its
@@ -200,6 +204,7 @@ def test_alignment_without_a_bank_is_one_clear_error(tmp_path, suite):
         )
 
 
+@pytest.mark.slow
 def test_pretrain_to_finetune_hand_off(tmp_path, suite):
     pretrain = str(tmp_path / "pretrain")
     _run(*_tiny(pretrain, suite))
@@ -214,6 +219,7 @@ def test_pretrain_to_finetune_hand_off(tmp_path, suite):
     assert first != pytest.approx(pretrain_losses[0], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_hyper_pretraining_on_local_c4(tmp_path, suite):
     """The hyper_pretrain stage's data path: C4 documents cut into (a, b, c) segments, a to
     the hypernetwork, b to the encoder, c as the target."""
@@ -240,6 +246,7 @@ def test_hyper_pretraining_on_local_c4(tmp_path, suite):
         assert [json.loads(line)["step"] for line in f] == [1, 2]
 
 
+@pytest.mark.slow
 def test_finetune_on_super_natural_instructions(
     tmp_path, suite, shared_data_dir, sentencepiece_dir
 ):

@@ -76,6 +76,7 @@ def test_scan_and_remat_equal_the_loop(params, remat_policy):
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_remat_gradients_equal(params):
     enc, dec = _batch()
 

@@ -43,6 +43,7 @@ def _grouped(count, seed):
 # --- logit teacher --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_teacher_logits_are_the_frozen_models_and_gradient_free(tmp_path, base):
     param_checkpoint.save(str(tmp_path / "teacher"), TINY_T5.replace(dropout_rate=0.1), base)
     loaded = teacher.load_teacher(str(tmp_path / "teacher"))
@@ -75,6 +76,7 @@ def test_load_teacher_missing_path(tmp_path):
 # --- LoRA teachers -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_vmapped_teachers_equal_separately_trained(base):
     count, steps = 3, 3
     step = lora_teachers.make_train_step(CONFIG, TINY_T5)
@@ -110,6 +112,7 @@ def test_vmapped_teachers_equal_separately_trained(base):
         assert float(jnp.abs(alone["b"]["enc_self.q"]).max()) > 0
 
 
+@pytest.mark.slow
 def test_training_lowers_each_teachers_loss_and_round_trips(tmp_path, base):
     names = ("task_a", "task_b")
     fixed = _grouped(2, seed=0)  # overfit one batch per teacher

@@ -62,6 +62,7 @@ def test_partition_round_trips_and_keeps_the_base_out_of_the_state():
     assert sum(x.size for x in opt_leaves) <= 2 * n_trainable + 8  # Adam moments only
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_fixed_batch():
     _, frozen, state, step = _setup()
     batch = _batch()
@@ -73,6 +74,7 @@ def test_loss_falls_on_a_fixed_batch():
     assert losses_seen[-1] < losses_seen[0] - 0.5, losses_seen
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch():
     # SGD keeps the comparison linear in the gradients: Adam divides near-zero gradients by
     # their own size and would amplify float rounding into visible parameter differences.
@@ -146,6 +148,7 @@ def test_warmup_as_a_fraction_of_the_run():
         optim.OptimizerConfig(warmup_fraction=1.5)
 
 
+@pytest.mark.slow
 def test_term_gradients_are_each_terms_own_gradient_and_shares_sum_to_one():
     """grad_norm/<term> equals ‖jax.grad(weighted term)‖ computed on its own; the shares
     ⟨g_term, g_total⟩/‖g_total‖² add up to 1."""

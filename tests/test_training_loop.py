@@ -1,7 +1,10 @@
 """The training loop as users run it (``runs/tiny_cpu.gin``): the same losses on 1 device, on
 8 fake devices (data x model and data x fsdp x model) and in two ``jax.distributed`` processes;
 kill-and-resume equals an uninterrupted run; SIGTERM leaves a restorable checkpoint; metrics go
-to JSONL and TensorBoard."""
+to JSONL and TensorBoard.
+
+The one-device reference is the session's shared tiny run (conftest.tiny_run); processes of
+their own only where processes are the point (two ``jax.distributed`` processes, signals)."""
 
 import json
 import os
@@ -15,21 +18,19 @@ import jax
 import numpy as np
 import pytest
 
+from tagi_jax import configurables
 from tagi_jax import train as train_cli
 from tagi_jax.training import checkpointing, loop
 
+pytestmark = pytest.mark.slow  # every test trains, most in processes of their own
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_DEVICE = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-STEPS = 3
+STEPS = 4  # the shared tiny run's (conftest.tiny_run)
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory):
-    from tagi_jax.data import synthetic
-
-    out = str(tmp_path_factory.mktemp("suite"))
-    synthetic.write_suite(out, instances_per_train_task=8, instances_per_test_task=4)
-    return out
+def suite(tiny_suite):
+    return tiny_suite
 
 
 def _flags(model_dir, suite, *extra):
@@ -43,17 +44,15 @@ def _flags(model_dir, suite, *extra):
     ]
 
 
-def _cli(flags, env=ONE_DEVICE, timeout=600):
-    cmd = [sys.executable, "-m", "tagi_jax.train", *flags]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+MESH = "--gin.train.mesh_shape=(-1, 1)"
 
 
 def _in_process(flags):
     """The CLI's own parsing and loop, in this process (8 fake devices)."""
     if not any("mesh_shape" in f for f in flags):
-        flags = [*flags, "--gin.train.mesh_shape=(-1, 1)"]
+        flags = [*flags, MESH]
     with train_cli.configured(flags):
-        return loop.train()
+        return configurables.train()
 
 
 def _losses(model_dir):
@@ -62,11 +61,10 @@ def _losses(model_dir):
 
 
 @pytest.fixture(scope="module")
-def one_device_losses(suite, tmp_path_factory):
-    model_dir = str(tmp_path_factory.mktemp("one_device"))
-    result = _cli(_flags(model_dir, suite, "--gin.train.mesh_shape=(1, 1)"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    losses = _losses(model_dir)
+def one_device_losses(tiny_run):
+    """The session's tiny run: the CLI in a process of its own with one device."""
+    assert tiny_run.steps == STEPS
+    losses = _losses(tiny_run.model_dir)
     assert len(losses) == STEPS and np.all(np.isfinite(losses))
     return losses
 
@@ -159,7 +157,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, suite):
     # "kill" after 3 steps: stop_after ends the run with only the step-3 checkpoint written
     flags = _flags(killed, suite, "--gin.TRAIN_STEPS=6", "--gin.train.save_every=3")
     with train_cli.configured([*flags, "--gin.train.mesh_shape=(-1, 1)"]):
-        loop.train(stop_after=3)
+        configurables.train(stop_after=3)
     assert sorted(os.listdir(os.path.join(killed, "checkpoints"))) == ["3"]
     assert not os.path.exists(os.path.join(killed, "export"))
     _in_process(_flags(killed, suite, "--gin.TRAIN_STEPS=6", "--gin.train.save_every=3"))
@@ -179,7 +177,7 @@ def _restore_trainable(model_dir):
     return {k: np.asarray(v) for k, v in restored["state"]["trainable"].items()}
 
 
-def test_sigterm_saves_a_restorable_checkpoint(tmp_path, suite):
+def test_sigterm_saves_a_restorable_checkpoint(tmp_path, suite, run_main):
     model_dir = str(tmp_path / "run")
     flags = _flags(model_dir, suite, "--gin.TRAIN_STEPS=10000", "--gin.train.save_every=10000")
     cmd = [sys.executable, "-m", "tagi_jax.train", *flags]
@@ -200,18 +198,19 @@ def test_sigterm_saves_a_restorable_checkpoint(tmp_path, suite):
     ckpt = checkpointing.Checkpointer(model_dir, config_json="unused")
     assert ckpt.latest_step() == saved
     ckpt.close()
-    # the next launch resumes from it
-    resumed = _cli(_flags(model_dir, suite, f"--gin.TRAIN_STEPS={saved + 1}"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"steps {saved}->{saved + 1}" in resumed.stdout
+    # the next launch (the CLI's main in this process, on its 8 devices) resumes from it
+    flags = _flags(model_dir, suite, f"--gin.TRAIN_STEPS={saved + 1}", MESH)
+    code, out, err = run_main(train_cli.main, flags)
+    assert code == 0, err[-3000:]
+    assert f"steps {saved}->{saved + 1}" in out
 
 
-def test_metrics_go_to_jsonl_and_tensorboard(tmp_path, suite):
-    model_dir = str(tmp_path / "run")
-    _in_process(_flags(model_dir, suite, "--gin.train.peak_flops_per_device=1e12"))
+def test_metrics_go_to_jsonl_and_tensorboard(tiny_run):
+    """The shared tiny run logs every step, with the MFU of a peak of 1e12 FLOP/s."""
+    model_dir = tiny_run.model_dir
     with open(os.path.join(model_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
     for key in (
         "loss",
         "cross_entropy",
@@ -234,6 +233,6 @@ def test_metrics_go_to_jsonl_and_tensorboard(tmp_path, suite):
     path = os.path.join(model_dir, "tensorboard", events[0])
     parsed = [event_pb2.Event.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
     steps = [e.step for e in parsed if e.summary.value]
-    assert steps == [1, 2, 3]
+    assert steps == [1, 2, 3, 4]
     tags = {v.tag: v.simple_value for v in parsed[-1].summary.value}
     assert tags["loss"] == pytest.approx(records[-1]["loss"], rel=1e-6)

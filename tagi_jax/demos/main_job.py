@@ -81,10 +81,10 @@ def _flags(gin_file: str, bindings: dict[str, object]) -> list[str]:
 
 def _stage(gin_file: str, bindings: dict[str, object]) -> None:
     """One ``python -m tagi_jax.train`` run, in this process."""
-    from tagi_jax.training import stages
+    from tagi_jax import configurables
 
     with train_cli.configured(_flags(gin_file, bindings)):
-        stages.run()
+        configurables.run()
 
 
 def _curve(model_dir: str) -> list[tuple[int, float]]:

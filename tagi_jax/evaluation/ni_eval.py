@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from tagi_jax.evaluation import ni_metrics
 from tagi_jax.models.tagi_config import TagiConfig
-from tagi_jax.predictor import Predictor, encode_padded  # noqa: F401  (encode_padded: re-exported)
+from tagi_jax.predictor import Predictor
 
 
 def evaluate(

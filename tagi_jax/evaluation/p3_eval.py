@@ -14,7 +14,7 @@ is teacher-forced through ``tagi.forward`` with those adapters. A choice's score
 The highest score wins; ties go to the first choice. ``use_adapters=False`` scores with the
 backbone alone (``t5.forward`` on the prompt): the zero-shot baseline.
 
-The prompt is EOS-terminated (``ni_eval.encode_padded``), as training's SeqIO features are; the
+The prompt is EOS-terminated (``tokens.encode_padded``), as training's SeqIO features are; the
 authors' evaluation collator drops that EOS (§3.3), a one-token difference kept for
 train/eval consistency.
 
@@ -38,7 +38,7 @@ import numpy as np
 
 from tagi_jax import paths
 from tagi_jax.data import p3
-from tagi_jax.evaluation.ni_eval import encode_padded
+from tagi_jax.data.tokens import encode_padded, shift_right
 from tagi_jax.models import lora, t5, tagi
 from tagi_jax.models.tagi_config import TagiConfig
 
@@ -227,16 +227,13 @@ def _reduce(total, count, score: str):
     return total if score == "sum" else total / np.maximum(count, 1)
 
 
-def _shift_right(targets):
-    # T5's decoder starts from id 0
-    return jnp.concatenate([jnp.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
-
-
 @functools.partial(jax.jit, static_argnames=("config", "vocab_size", "use_adapters"))
-def _score_rows(config, params, prompts, owner, targets, *, vocab_size, use_adapters):
-    """``(summed log-likelihood, token count)`` of ``targets[r]`` given ``prompts[owner[r]]``,
-    each prompt encoded (and its adapters generated) once."""
-    decoder_inputs = _shift_right(targets)
+def _score_rows(
+    config, params, prompts, owner, targets, decoder_inputs, *, vocab_size, use_adapters
+):
+    """``(summed log-likelihood, token count)`` of ``targets[r]`` (decoder inputs
+    ``decoder_inputs[r]``: ``targets`` shifted right) given ``prompts[owner[r]]``, each prompt
+    encoded (and its adapters generated) once."""
     rows = jnp.take(prompts, owner, axis=0)
     if not use_adapters:
         logits = t5.forward(config.t5, params["t5"], rows, decoder_inputs)
@@ -331,6 +328,7 @@ def score_choices(
             jnp.asarray(prompts),
             jnp.asarray(owner, jnp.int32),
             jnp.asarray(targets),
+            jnp.asarray(shift_right(targets)),
             vocab_size=vocab_size,
             use_adapters=use_adapters,
         )

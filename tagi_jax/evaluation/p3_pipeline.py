@@ -1,4 +1,5 @@
-"""The gin-configured P3 evaluation (``evaluate_p3``) and the renderer of the P3 layout it and
+"""The P3 evaluation (``evaluate_p3``; gin: ``evaluate_p3``, registered in
+``tagi_jax.configurables``) and the renderer of the P3 layout it and
 training read.
 
 ``evaluate_p3`` reads an export (``python -m tagi_jax.export``) and the ``_score_eval`` tasks of
@@ -35,9 +36,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import gin
-
-from tagi_jax import gin_check, paths
+from tagi_jax import paths
 
 if TYPE_CHECKING:
     from tagi_jax.data.p3 import RenderCounts
@@ -212,12 +211,11 @@ def _print_summary(label: str, summary: dict) -> None:
         print(f"{label}: {name} avg {value}{note if avg['partial'] else ''}")
 
 
-@gin.configurable("evaluate_p3")
 def evaluate_p3(
     *,
-    export_dir: str = gin.REQUIRED,
-    p3_dir: str = gin.REQUIRED,
-    output_dir: str = gin.REQUIRED,
+    export_dir: str,
+    p3_dir: str,
+    output_dir: str,
     split: str = EVAL_SPLIT,
     datasets: Sequence[str] | None = None,
     score: str = "mean",
@@ -243,7 +241,6 @@ def evaluate_p3(
     ``compare_base``: also score the backbone alone (no adapters, no hypernetwork).
     ``max_instances_per_task``: the first N instances of each task (None: all), for quick runs.
     """
-    gin_check.check_bindings_used("evaluate_p3")
     from tqdm import tqdm
 
     from tagi_jax.artifacts import export_format

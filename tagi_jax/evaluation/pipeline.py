@@ -1,5 +1,5 @@
-"""The gin-configured evaluation behind ``python -m tagi_jax.evaluate``: score an export on
-natural-instructions tasks.
+"""The evaluation behind ``python -m tagi_jax.evaluate`` (gin: ``evaluate``, registered in
+``tagi_jax.configurables``): score an export on natural-instructions tasks.
 
 Reads an export (``tagi_jax.artifacts.export_format``), takes its defaults from it, formats a
 split of a natural-instructions directory (SNI's layout or the built-in suite of
@@ -24,10 +24,9 @@ import dataclasses
 import io
 import json
 import time
+from collections.abc import Callable
 
-import gin
-
-from tagi_jax import gin_check, paths
+from tagi_jax import paths
 from tagi_jax.data.ni import NIConfig
 
 
@@ -98,28 +97,22 @@ def write_report(
     return report
 
 
-def _ni_for_export(data: dict, ni: NIConfig | None) -> NIConfig:
-    """``evaluate.ni`` if given, else the export's NIConfig with the run file's ``NIConfig.*``
-    bindings on top (a binding overrides; what the run file does not say, the export does)."""
-    from tagi_jax import configurables
-
-    if ni is not None:
+def _ni_for_export(data: dict, ni: NIConfig | Callable[[dict], NIConfig] | None) -> NIConfig:
+    """``ni`` if an ``NIConfig``; else the export's NIConfig (``ni`` called with its fields,
+    when a function: gin's puts the run file's ``NIConfig.*`` bindings on top)."""
+    if isinstance(ni, NIConfig):
         return ni
-    bound = gin.get_bindings("NIConfig")
     trained = data.get("ni") or {}
-    # Calling the configurable (rather than NIConfig) lets gin fill the bound fields, so they
-    # count as read by this stage (gin_check) and are checked like any binding.
-    return configurables.ni_config(**{k: v for k, v in trained.items() if k not in bound})
+    return NIConfig(**trained) if ni is None else ni(trained)
 
 
-@gin.configurable("evaluate")
 def evaluate(
     *,
-    export_dir: str = gin.REQUIRED,
-    output_dir: str = gin.REQUIRED,
-    task_dir: str = gin.REQUIRED,
+    export_dir: str,
+    output_dir: str,
+    task_dir: str,
     split: str = "test",
-    ni: NIConfig | None = None,
+    ni: NIConfig | Callable[[dict], NIConfig] | None = None,
     vocabulary: str | None = None,
     input_length: int | None = None,
     instruction_length: int | None = None,
@@ -135,8 +128,8 @@ def evaluate(
     Unset settings come from the export (``data.json``: what the student trained with):
     ``vocabulary`` (an override must be the same vocabulary), ``input_length``,
     ``instruction_length`` and ``max_decode_len`` (the feature lengths), and ``ni``, how the
-    examples are formatted: the export's ``NIConfig`` with the run file's ``NIConfig.<field>``
-    bindings on top: ``student_input``, ``num_pos_examples`` (demonstrations in the
+    examples are formatted: the export's ``NIConfig`` (under gin, with the run file's
+    ``NIConfig.<field>`` bindings on top; or a function of the export's fields that gives it): ``student_input``, ``num_pos_examples`` (demonstrations in the
     instruction: the paper evaluates a Def-trained student on Def + 2 Pos too),
     ``eval_instances_per_task`` (the first 100 of each task; on the ``train`` split
     ``max_train_instances_per_task``, the seeded draw training uses), ``max_source_length``.
@@ -144,7 +137,6 @@ def evaluate(
     ``length_penalty_alpha``.
     ``compare_base``: also decode with the backbone alone (no adapters, no instruction).
     """
-    from tagi_jax import configurables
     from tagi_jax.artifacts import export_format
     from tagi_jax.data import ni as ni_lib
     from tagi_jax.data import vocab as vocab_lib
@@ -153,9 +145,6 @@ def evaluate(
     start = time.time()
     export_dir, task_dir = paths.absolute(export_dir), paths.absolute(task_dir)
     output_dir = paths.absolute(output_dir)
-    if ni is None:
-        configurables.ni_config()  # so that NIConfig's bindings count as read by this stage
-    gin_check.check_bindings_used("evaluate")
     data = export_format.read_data(export_dir)  # a missing / incomplete export fails here
     ni = _ni_for_export(data, ni)
     if not paths.isdir(task_dir):

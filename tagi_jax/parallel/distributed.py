@@ -23,14 +23,14 @@ import os
 import re
 from collections.abc import Mapping
 
-import gin
 import jax
 
 
-@gin.configurable("DistributedConfig")
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
-    """Attributes:
+    """How this process joins a multi-process run (gin: ``DistributedConfig.<field>``).
+
+    Attributes:
     enabled: call ``jax.distributed.initialize`` (False: one process, the default).
     coordinator_address: ``host:port`` of process 0; None: from SLURM's environment (see
         ``slurm_settings``), else JAX detects it (TPU, Open MPI).

@@ -1,4 +1,6 @@
-"""The training loop behind ``python -m tagi_jax.train``: gin-configured, sharded, resumable.
+"""The training loop behind ``python -m tagi_jax.train``: sharded, resumable; gin configures
+``train`` in ``tagi_jax.configurables``, the data comes from ``tagi_jax.data.pipeline`` and the
+parameters from ``training.model_setup``.
 
 Phases (big_vision style): mesh → parameters (sharded) → trainable partition and optimizer →
 restore or start → data (skipping what a restored run already consumed) → steps with progress,
@@ -20,29 +22,22 @@ from typing import Any
 import gin
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tagi_jax import gin_check
 from tagi_jax import paths as paths_lib
 from tagi_jax.artifacts import backbone, export_format
+from tagi_jax.data import pipeline
+from tagi_jax.data.config import DataConfig
 from tagi_jax.distill import losses
 from tagi_jax.distill import teacher as teacher_lib
-from tagi_jax.models import lora, tagi, trainable
+from tagi_jax.models import trainable
 from tagi_jax.models.tagi_config import TagiConfig
 from tagi_jax.parallel import distributed as distributed_lib
 from tagi_jax.parallel import mesh as mesh_lib
 from tagi_jax.parallel import partitioning
-from tagi_jax.training import checkpointing, inputs, optim
+from tagi_jax.training import checkpointing, inputs, model_setup, optim
 from tagi_jax.training import state as state_lib
 from tagi_jax.training.flops import train_step_flops
-from tagi_jax.training.inputs import (  # noqa: F401  (re-exported: the loop's public names)
-    MODEL_FEATURES,
-    DataConfig,
-    make_vocabulary,
-    register_data,
-    train_batches,
-)
 from tagi_jax.training.progress import Progress
 
 EXPORT_DIR = backbone.RUN_EXPORT_DIR  # <model_dir>/export: the student (export_format)
@@ -195,103 +190,11 @@ def _calibrated_loss(loss, model_dir, start, main, jit_term_gradients, state, fr
     return dataclasses.replace(loss, alignment_weight=weight)
 
 
-def sharded_params(
-    model: TagiConfig, mesh, rules, seed: int, base, init_from=None, instruction_encoder=None
-):
-    """The student's parameters, created already sharded: ``jax.eval_shape`` of the init gives
-    the shapes, the logical axes the shardings, and the jitted init writes each shard in place
-    (a large model never exists whole on one device). The base and a separate instruction
-    encoder (a T5 tree; its decoder is dropped), if given, are grafted in; ``init_from`` (a
-    finished run, e.g. hypernetwork pretraining) replaces everything."""
-    shardings = partitioning.logical_to_shardings(tagi.param_logical_axes(model), mesh, rules)
-    if init_from is not None:
-        return _restore_exported(init_from, model, shardings), shardings
-
-    def init(key, base_params, encoder_params):
-        return tagi.init_params(
-            model, key, t5_params=base_params, instruction_encoder_params=encoder_params
-        )
-
-    with partitioning.use_mesh(mesh, rules):
-        params = jax.jit(init, out_shardings=shardings)(
-            jax.random.key(seed), base, instruction_encoder
-        )
-    return params, shardings
-
-
-def instruction_encoder_source(
-    model: TagiConfig, instruction_encoder_checkpoint, teacher_checkpoint, init_from
-) -> str | None:
-    """Where a ``separate`` instruction encoder's weights come from: the named checkpoint, else
-    the logit teacher (the authors' collator encodes instructions with the teacher's encoder,
-    tagi_spec.md §4.1). None when the backbone encodes instructions or ``init_from`` brings a
-    trained student whole. A frozen encoder left at random initialisation would feed the
-    hypernetwork noise, so a preset that needs one and gets none is an error."""
-    if model.hyper.instruction_encoder != "separate":
-        if instruction_encoder_checkpoint is not None:
-            raise ValueError(
-                "train.instruction_encoder_checkpoint is set but HyperConfig.instruction_encoder "
-                "is 'backbone' (the student's own encoder reads the instruction)"
-            )
-        return None
-    if init_from is not None:
-        return None
-    source = instruction_encoder_checkpoint or teacher_checkpoint
-    if source is None:
-        raise ValueError(
-            "HyperConfig.instruction_encoder='separate' (e.g. methods/authors_code.gin) needs "
-            "the weights of that encoder: set train.instruction_encoder_checkpoint (or "
-            "train.teacher_checkpoint, whose encoder is used by default, as the authors do)"
-        )
-    return source
-
-
-def load_instruction_encoder(path: str, mesh=None):
-    """The T5 parameters whose encoder a ``separate`` instruction encoder takes: a parameter
-    checkpoint, an HF directory or a finished run (its exported backbone). The graft in
-    ``tagi.init_params`` checks every shape against ``TagiConfig.instruction_encoder_t5``."""
-    return backbone.load_t5(path, mesh)[1]
-
-
-class _TeacherAdapters:
-    """Each example's teacher LoRA (from the bank the ``lora_teachers`` stage wrote), placed as
-    global arrays: ``teacher_lora`` and ``teacher_mask`` (False where a group has no teacher)."""
-
-    def __init__(self, path: str, data: DataConfig, mesh, rules):
-        from tagi_jax.distill import lora_teachers
-
-        self.bank = lora_teachers.TeacherBank.load(path)
-        self.names = np.asarray(inputs.teacher_group_names(data, self.bank.group_by))
-        self.id_key = "task_id" if self.bank.group_by == "task" else "category_id"
-        self.mesh, self.rules = mesh, rules
-
-    def __call__(self, numpy_batch, train_input: inputs.TrainInput) -> dict[str, Any]:
-        """``numpy_batch``: this process's rows (``train_input.rows`` of the global batch)."""
-        ids = np.asarray(numpy_batch[self.id_key]).reshape(-1)
-        if ids.max(initial=0) >= len(self.names):
-            raise ValueError(f"{self.id_key} {ids.max()} is beyond the {len(self.names)} names")
-        adapters, keep = self.bank.adapters_for(list(self.names[ids]), skip_missing=True)
-
-        def place(value, axes):
-            sharding = partitioning.named_sharding(self.mesh, axes, self.rules)
-            return train_input.place_local(value, sharding, batch_axis=axes.index("batch"))
-
-        a, b = {}, {}
-        for name in adapters.a:
-            a_axes, b_axes = lora.adapter_logical_axes(lora.TARGETS[name])
-            a[name], b[name] = place(adapters.a[name], a_axes), place(adapters.b[name], b_axes)
-        return {
-            "teacher_lora": adapters.replace(a=a, b=b),
-            "teacher_mask": place(keep, ("batch",)),
-        }
-
-
-@gin.configurable("train", denylist=["stop_after"])
 def train(
     *,
-    model_dir: str = gin.REQUIRED,
-    model: TagiConfig = gin.REQUIRED,
-    data: DataConfig = gin.REQUIRED,
+    model_dir: str,
+    model: TagiConfig,
+    data: DataConfig,
     loss: losses.LossConfig | None = None,
     optimizer: optim.OptimizerConfig | None = None,
     batch_size: int = 8,
@@ -323,14 +226,14 @@ def train(
     (the hypernetwork pretraining -> fine-tuning hand-off); ``teacher_checkpoint``: the logit
     teacher; ``teacher_lora_bank``: the ``lora_teachers`` stage's bank file;
     ``instruction_encoder_checkpoint``: the weights of a ``separate`` instruction encoder
-    (default: the teacher's encoder; see ``instruction_encoder_source``).
+    (default: the teacher's encoder; see ``model_setup.instruction_encoder_source``).
     ``on_nonfinite``: ``stop`` (raise, naming the step; the last good checkpoint stays) or
     ``skip`` (drop the batch and go on). ``log_term_gradients``: with more than one weighted
     loss term, log each term's gradient norm and share (``state.term_gradients``) at every
     logging step (about one extra step's compute per term there). ``stop_after`` ends this
-    process's work after that many steps (tests use it to simulate a kill).
+    process's work after that many steps (tests use it to simulate a kill; gin cannot bind it).
+    Gin configures it as ``train`` (``tagi_jax.configurables``).
     """
-    gin_check.check_bindings_used("train")
     # Without teachers (the default) the objective is the cross-entropy alone.
     loss = loss or losses.LossConfig(ce_weight=1.0, kl_weight=0.0, alignment_weight=0.0)
     optimizer = optimizer or optim.OptimizerConfig()
@@ -343,7 +246,7 @@ def train(
     }
     # Resolved here (the teacher's encoder by default) and recorded in run.json as such, so
     # export and evaluation rebuild the same frozen encoder.
-    encoder_source = instruction_encoder_source(
+    encoder_source = model_setup.instruction_encoder_source(
         model, instruction_encoder_checkpoint, teacher_checkpoint, init_from
     )
     paths["instruction_encoder_checkpoint"] = encoder_source
@@ -359,43 +262,68 @@ def train(
     _check_args(batch_size, grad_accum_steps, on_nonfinite, loss, paths)
     # The data is checked (files, splits, schema, one formatted example per task) before any
     # model work: a bad file is one line in seconds, not a TensorFlow traceback after the build.
-    inputs.preflight(data)
+    pipeline.preflight(data)
     distributed_lib.initialize(distributed)
     main = distributed_lib.is_main_process()
     paths_lib.makedirs(model_dir)
     # One trainer per directory (the main process holds the lock for all of them).
     with checkpointing.RunLock(model_dir) if main else contextlib.nullcontext():
-        return _train(**locals())
+        return _train(
+            model_dir=model_dir,
+            model=model,
+            data=data,
+            loss=loss,
+            optimizer=optimizer,
+            batch_size=batch_size,
+            train_steps=train_steps,
+            grad_accum_steps=grad_accum_steps,
+            mesh_shape=mesh_shape,
+            mesh_axes=mesh_axes,
+            peak_flops_per_device=peak_flops_per_device,
+            save_every=save_every,
+            keep=keep,
+            log_every=log_every,
+            seed=seed,
+            base_checkpoint=base_checkpoint,
+            teacher_checkpoint=teacher_checkpoint,
+            teacher_lora_bank=teacher_lora_bank,
+            init_from=init_from,
+            on_nonfinite=on_nonfinite,
+            log_term_gradients=log_term_gradients,
+            stop_after=stop_after,
+            paths=paths,
+            encoder_source=encoder_source,
+            main=main,
+        )
 
 
 def _train(
     *,
-    model_dir,
-    model,
-    data,
-    loss,
-    optimizer,
-    batch_size,
-    train_steps,
-    grad_accum_steps,
-    mesh_shape,
-    mesh_axes,
-    peak_flops_per_device,
-    save_every,
-    keep,
-    log_every,
-    seed,
-    base_checkpoint,
-    teacher_checkpoint,
-    teacher_lora_bank,
-    init_from,
-    on_nonfinite,
-    log_term_gradients,
-    stop_after,
-    paths,
-    encoder_source,
-    main,
-    **unused,
+    model_dir: str,
+    model: TagiConfig,
+    data: DataConfig,
+    loss: losses.LossConfig,
+    optimizer: optim.OptimizerConfig,
+    batch_size: int,
+    train_steps: int,
+    grad_accum_steps: int,
+    mesh_shape: tuple[int, ...],
+    mesh_axes: tuple[str, ...],
+    peak_flops_per_device: float | None,
+    save_every: int,
+    keep: int,
+    log_every: int,
+    seed: int,
+    base_checkpoint: str | None,
+    teacher_checkpoint: str | None,
+    teacher_lora_bank: str | None,
+    init_from: str | None,
+    on_nonfinite: str,
+    log_term_gradients: bool,
+    stop_after: int | None,
+    paths: dict[str, str | None],
+    encoder_source: str | None,
+    main: bool,
 ) -> dict[str, Any]:
     """``train`` after its checks, with the run directory locked."""
     # --- mesh --------------------------------------------------------------------------
@@ -413,8 +341,8 @@ def _train(
     if base_checkpoint is not None and init_from is None:
         base = backbone.load_t5(base_checkpoint, mesh)[1]
     if encoder_source is not None:
-        encoder = load_instruction_encoder(encoder_source, mesh)
-    params, param_shardings = sharded_params(
+        encoder = model_setup.load_instruction_encoder(encoder_source, mesh)
+    params, param_shardings = model_setup.sharded_params(
         model, mesh, rules, seed, base, init_from, instruction_encoder=encoder
     )
     del base, encoder
@@ -496,7 +424,7 @@ def _train(
         teacher_fn = functools.partial(teacher_jit, teacher.params)
     teacher_adapters = None
     if loss.alignment_weight:
-        teacher_adapters = _TeacherAdapters(teacher_lora_bank, data, mesh, rules)
+        teacher_adapters = inputs.TeacherAdapters(teacher_lora_bank, data, mesh, rules)
 
     # --- the step: one jitted pure function, explicit shardings, donated state -------------
     def jit_step(objective):
@@ -636,7 +564,7 @@ def _train(
     )
     if step == train_steps and not already_exported:
         full = state_lib.merge(state.trainable, frozen, structure)
-        export_params(model_dir, model, full, data, step)
+        model_setup.export_params(model_dir, model, full, data, step)
         if main:
             paths_lib.write_text(
                 paths_lib.join(model_dir, "operative_config.gin"), gin.operative_config_str()
@@ -644,38 +572,3 @@ def _train(
             where = progress.metrics_path if progress is not None else model_dir
             print(f"checkpoints in {ckpt.directory}, metrics in {where} and tensorboard/")
     return last
-
-
-def export_params(model_dir: str, model: TagiConfig, params, data: DataConfig, step: int) -> str:
-    """``<model_dir>/export``: the finished student in the one export format
-    (``export_format``), backbone, vocabulary and data settings included, so that a finished
-    run is usable (and copyable) as it stands. Written aside and moved into place."""
-    return export_format.save(
-        paths_lib.join(paths_lib.absolute(model_dir), EXPORT_DIR),
-        model,
-        params,
-        vocabulary=data.vocabulary,
-        data=export_format.data_settings(dataclasses.asdict(data)),
-        info={"step": int(step), "model_dir": paths_lib.absolute(model_dir)},
-        overwrite=True,
-        is_main=distributed_lib.is_main_process(),
-        sync=multihost_utils.sync_global_devices,
-    )
-
-
-def _restore_exported(model_dir: str, model: TagiConfig, shardings):
-    """The student tree a finished run exported, placed by ``shardings`` (None: one device)."""
-    path = paths_lib.join(paths_lib.absolute(model_dir), EXPORT_DIR)
-    if not paths_lib.isdir(path):
-        raise FileNotFoundError(f"no export at {path}: has training {model_dir} finished?")
-    loaded = export_format.load(path, shardings=shardings)
-    if loaded.config != model:
-        # The parameters must fit: the shapes are what matter, not every field (a fine-tuning
-        # run may, e.g., change dropout or the losses around the same architecture).
-        wanted = jax.tree.map(lambda x: x.shape, tagi.abstract_params(model))
-        got = jax.tree.map(lambda x: x.shape, loaded.params)
-        if jax.tree.structure(wanted) != jax.tree.structure(got) or wanted != got:
-            raise ValueError(
-                f"the parameters in {path} do not fit this TagiConfig (another architecture?)"
-            )
-    return loaded.params

@@ -6,96 +6,30 @@ The teachers read the full instruction (``teacher_inputs``: Definition + demonst
 input, the Tk-Instruct source), as in the authors' code, formatted by the run's one
 ``DataConfig.ni`` (the demonstrations of its task variant, Tk-Instruct's budget when set), as
 training formats it. Each step draws ``rows_per_group`` examples of every group from that
-group's own seeded, cycling order.
+group's own seeded, cycling order. The groups and their batches come from the data
+(``data.pipeline.group_examples`` / ``group_batches``); gin configures the stage as
+``train_lora_teachers`` (``tagi_jax.configurables``).
 """
 
 from __future__ import annotations
 
-import collections
-
-import gin
 import numpy as np
 
-from tagi_jax import gin_check, paths
+from tagi_jax import paths
 from tagi_jax.artifacts import backbone
+from tagi_jax.data import pipeline
+from tagi_jax.data.config import DataConfig, make_vocabulary
 from tagi_jax.distill import lora_teachers
 from tagi_jax.distill.lora_teachers import LoraTeacherConfig
-from tagi_jax.training import inputs
 
 BANK_FILE = "lora_teachers.safetensors"
 
 
-def group_examples(data: inputs.DataConfig, group_by: str, vocabulary):
-    """``{group name: (teacher input ids [n, L_in], target ids [n, L_out])}`` of the train split
-    (natural instructions: the Tk-Instruct source; P3 with ``DataConfig.p3_dir``: the prompt)."""
-    from tagi_jax.data import ni
-    from tagi_jax.evaluation.ni_eval import encode_padded
-
-    lengths = dict(data.feature_lengths)
-    grouped = collections.defaultdict(lambda: ([], []))
-    if "_p3_" in data.task and data.p3_dir is not None:
-        # P3: one teacher per training dataset (or task), reading the prompt (tagi_spec.md §5.2)
-        from tagi_jax.data import p3_tasks
-
-        for key, pairs in p3_tasks.training_texts(data.p3_dir, group_by).items():
-            for prompt, target in pairs:
-                grouped[key][0].append(prompt)
-                grouped[key][1].append(target)
-    else:
-        directory = data.sni_dir or data.suite_dir
-        if directory is None:
-            raise ValueError(
-                "the lora_teachers stage needs DataConfig.sni_dir, suite_dir or (with a "
-                "tagi_p3_* task) p3_dir"
-            )
-        examples = ni.iter_examples(directory, "train", data.ni_for_task(), vocabulary=vocabulary)
-        for example in examples:
-            key = example["task_name"] if group_by == "task" else example["category"]
-            grouped[key][0].append(example["teacher_inputs"])
-            grouped[key][1].append(example["targets"])
-    return {
-        key: (
-            encode_padded(vocabulary, sources, lengths["teacher_inputs"]),
-            encode_padded(vocabulary, targets, lengths["targets"]),
-        )
-        for key, (sources, targets) in sorted(grouped.items())
-    }
-
-
-def group_batches(groups: dict, rows: int, seed: int):
-    """Endless ``[K, rows, length]`` batches, group k drawing from its own shuffled cycle."""
-    rng = np.random.default_rng(seed)
-    orders = {k: rng.permutation(len(v[0])) for k, v in groups.items()}
-    cursor = dict.fromkeys(groups, 0)
-    while True:
-        enc, tgt = [], []
-        for name, (sources, targets) in groups.items():
-            picked = []
-            while len(picked) < rows:
-                if cursor[name] == len(orders[name]):
-                    orders[name], cursor[name] = rng.permutation(len(sources)), 0
-                picked.append(orders[name][cursor[name]])
-                cursor[name] += 1
-            enc.append(sources[picked])
-            tgt.append(targets[picked])
-        targets = np.stack(tgt)
-        yield {
-            "encoder_input_tokens": np.stack(enc),
-            "decoder_target_tokens": targets,
-            # T5 shifts right with 0 (the decoder start id)
-            "decoder_input_tokens": np.concatenate(
-                [np.zeros_like(targets[..., :1]), targets[..., :-1]], axis=-1
-            ),
-            "decoder_loss_weights": (targets > 0).astype(np.float32),
-        }
-
-
-@gin.configurable("train_lora_teachers")
 def train_lora_teachers(
     *,
-    model_dir: str = gin.REQUIRED,
-    base_checkpoint: str = gin.REQUIRED,
-    data: inputs.DataConfig = gin.REQUIRED,
+    model_dir: str,
+    base_checkpoint: str,
+    data: DataConfig,
     config: LoraTeacherConfig | None = None,
     train_steps: int = 1000,
     rows_per_group: int = 8,
@@ -103,7 +37,6 @@ def train_lora_teachers(
     log_every: int = 50,
 ) -> str:
     """Trains the bank and writes ``<model_dir>/lora_teachers.safetensors``; returns its path."""
-    gin_check.check_bindings_used("train_lora_teachers")
     config = config or LoraTeacherConfig()
     if not paths.exists(base_checkpoint):
         raise FileNotFoundError(
@@ -111,14 +44,14 @@ def train_lora_teachers(
         )
     # The data is checked (files, splits, schema, one formatted example per task) before the
     # base model loads: a bad file is one line in seconds.
-    inputs.preflight(data)
+    pipeline.preflight(data)
     paths.makedirs(model_dir)
     path = paths.join(model_dir, BANK_FILE)
     if paths.exists(path):
         raise FileExistsError(f"{path} exists: the teachers are trained; use another MODEL_DIR")
     t5_config, base = backbone.load_t5(base_checkpoint)
-    vocabulary = inputs.make_vocabulary(data)
-    groups = group_examples(data, config.group_by, vocabulary)
+    vocabulary = make_vocabulary(data)
+    groups = pipeline.group_examples(data, config.group_by, vocabulary)
     sizes = [len(v[0]) for v in groups.values()]
     print(
         f"training {len(groups)} LoRA teachers (one per {config.group_by}, rank {config.rank}, "
@@ -130,7 +63,7 @@ def train_lora_teachers(
         t5_config,
         base,
         list(groups),
-        group_batches(groups, rows_per_group, seed),
+        pipeline.group_batches(groups, rows_per_group, seed),
         train_steps,
         log_every=log_every,
     )

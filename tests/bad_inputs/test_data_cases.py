@@ -1,5 +1,5 @@
 """Bad training data is one ``DataError`` line naming the file and the problem, found before any
-model work (``inputs.preflight``), and, where only the input pipeline meets it, one line from
+model work (``pipeline.preflight``), and, where only the input pipeline meets it, one line from
 the batch stream too; ``python -m tagi_jax.train`` turns it into one ``error:`` line and exit 2.
 
 Each case corrupts a copy of a small built-in suite (SNI format) or of a small P3 layout
@@ -16,9 +16,9 @@ import gin
 import pytest
 
 from tagi_jax import train as train_cli
-from tagi_jax.data import ni
+from tagi_jax.data import ni, pipeline
+from tagi_jax.data.config import DataConfig
 from tagi_jax.data.errors import DataError
-from tagi_jax.training import inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LENGTHS = (("inputs", 64), ("hyper_inputs", 64), ("teacher_inputs", 64), ("targets", 16))
@@ -69,8 +69,8 @@ def p3_dir(tmp_path, p3_source):
     return root, names[0], root / names[0] / "train.jsonl"
 
 
-def _config(**kwargs) -> inputs.DataConfig:
-    return inputs.DataConfig(ni=ni.NIConfig(), feature_lengths=LENGTHS, **kwargs)
+def _config(**kwargs) -> DataConfig:
+    return DataConfig(ni=ni.NIConfig(), feature_lengths=LENGTHS, **kwargs)
 
 
 def _edit(change):
@@ -169,7 +169,7 @@ def test_preflight_names_the_ni_file_and_field(suite, case):
         parts = [*parts, f"instance {json.loads(path.read_text())['Instances'][named]['id']} "]
     corrupt(path)
     with pytest.raises(DataError) as info:
-        inputs.preflight(_config(task="tagi_suite_def_pos2", suite_dir=str(root)))
+        pipeline.preflight(_config(task="tagi_suite_def_pos2", suite_dir=str(root)))
     _one_line(info.value, str(path), *parts)
 
 
@@ -196,7 +196,7 @@ def test_preflight_names_the_split_or_setting(suite, case, kwargs, parts):
         split_file.unlink()
     config = {"task": "tagi_suite_def_pos2", "suite_dir": str(root), **kwargs}
     with pytest.raises(DataError) as info:
-        inputs.preflight(_config(**config))
+        pipeline.preflight(_config(**config))
     _one_line(info.value, *parts)
 
 
@@ -216,10 +216,10 @@ def test_preflight_is_quick_on_the_shared_sni_and_the_suite(shared_data_dir, sui
         _config(task="tagi_sni_def", sni_dir=os.path.join(shared_data_dir, "sni")),
         _config(task="tagi_suite_def_pos2", suite_dir=str(root)),
     ]
-    inputs.preflight(configs[0])  # imports the vocabulary's TensorFlow once
+    pipeline.preflight(configs[0])  # imports the vocabulary's TensorFlow once
     for config in configs:
         start = time.perf_counter()
-        inputs.preflight(config)
+        pipeline.preflight(config)
         assert time.perf_counter() - start < 1.0
 
 
@@ -265,7 +265,7 @@ def test_preflight_names_the_p3_file(p3_dir, case, task):
     corrupt(path)
     task = f"tagi_p3_{name}" if task == "single" else task
     with pytest.raises(DataError) as info:
-        inputs.preflight(_config(task=task, p3_dir=str(root)))
+        pipeline.preflight(_config(task=task, p3_dir=str(root)))
     _one_line(info.value, str(root / name), *parts)
 
 
@@ -277,16 +277,16 @@ def test_preflight_p3_settings(p3_dir, tmp_path):
         ("tagi_p3_t0_train", None, ["DataConfig.p3_dir", "not set"]),
     ]:
         with pytest.raises(DataError) as info:
-            inputs.preflight(_config(task=task, p3_dir=p3))
+            pipeline.preflight(_config(task=task, p3_dir=p3))
         _one_line(info.value, *parts)
-    inputs.preflight(_config(task="tagi_p3_t0_train", p3_dir=str(root)))  # the intact copy
+    pipeline.preflight(_config(task="tagi_p3_t0_train", p3_dir=str(root)))  # the intact copy
 
 
 # --- errors only the input pipeline meets ---------------------------------------------------
 
 
 def _first_batch(config):
-    return next(inputs.train_batches(config, batch_size=4, seed=0, skip=0))
+    return next(pipeline.train_batches(config, batch_size=4, seed=0, skip=0))
 
 
 def _pipeline_error(config, *parts):
@@ -307,7 +307,7 @@ def test_a_malformed_line_past_the_first_is_one_line_from_the_pipeline(p3_dir, t
     lines[3] = "{oops"
     path.write_text("\n".join(lines) + "\n")
     config = _config(task=f"tagi_p3_{name}" if task == "single" else task, p3_dir=str(root))
-    inputs.preflight(config)
+    pipeline.preflight(config)
     _pipeline_error(config, str(path), "line 4 is not valid JSON")
 
 
@@ -317,7 +317,7 @@ def test_a_wrong_type_past_the_first_row_is_one_line_from_the_pipeline(p3_dir):
     rows[2]["inputs_pretokenized"] = None
     _write_rows(path, rows)
     config = _config(task=f"tagi_p3_{name}", p3_dir=str(root))
-    inputs.preflight(config)
+    pipeline.preflight(config)
     _pipeline_error(config, str(path), "row 3", '"inputs_pretokenized"', "found null")
 
 
@@ -332,7 +332,7 @@ def test_a_file_broken_after_the_check_is_one_line_from_the_pipeline(suite):
     # the generator's NIDataError comes back through tf.data as its own message
     root, path = suite
     config = _config(task="tagi_suite_def_pos2", suite_dir=str(root))
-    inputs.preflight(config)
+    pipeline.preflight(config)
     _edit(lambda t: t["Instances"][3].update(output="abc"))(path)
     _pipeline_error(config, str(path), "Instances[3]", '"output"', "found a string ('abc')")
 
@@ -383,6 +383,7 @@ def test_cli_exits_2_with_one_error_line_before_the_model(suite, tmp_path, capsy
     assert elapsed < 20, elapsed
 
 
+@pytest.mark.slow
 def test_cli_pipeline_error_exits_2_and_does_not_hang(p3_dir, tmp_path):
     # A subprocess: a failed tf.data iterator left for interpreter exit would print the error
     # and then hang forever (its generator threads cannot take the GIL any more).

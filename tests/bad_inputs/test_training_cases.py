@@ -169,6 +169,7 @@ def test_configuration_errors_are_one_line_exit_2(capsys, tmp_path, suite, extra
 # --- resume: what a checkpoint must share with the run that resumes it --------------------
 
 
+@pytest.mark.slow
 def test_resume_at_its_step_count_says_it_is_finished_and_writes_nothing(capsys, run_copy, suite):
     model_dir, base = run_copy
     before = listing(model_dir)
@@ -201,6 +202,7 @@ RESUME_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra,message", RESUME_CASES.values(), ids=RESUME_CASES.keys())
 def test_resume_refuses_a_checkpoint_it_does_not_fit(capsys, run_copy, suite, extra, message):
     model_dir, base = run_copy
@@ -212,6 +214,7 @@ def test_resume_refuses_a_checkpoint_it_does_not_fit(capsys, run_copy, suite, ex
     assert listing(model_dir) == before  # run files, checkpoints, metrics: untouched
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_base_behind_the_same_path(capsys, run_copy, suite):
     model_dir, base = run_copy
     shutil.rmtree(base)
@@ -224,6 +227,7 @@ def test_resume_refuses_another_base_behind_the_same_path(capsys, run_copy, suit
     assert listing(model_dir) == before
 
 
+@pytest.mark.slow
 def test_a_second_trainer_on_the_same_directory_is_refused(capsys, run_copy, suite):
     model_dir, base = run_copy
     before = listing(model_dir)
@@ -236,6 +240,7 @@ def test_a_second_trainer_on_the_same_directory_is_refused(capsys, run_copy, sui
     assert listing(model_dir) == before
 
 
+@pytest.mark.slow
 def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_run_resumes(capsys, run_copy, suite):
     model_dir, base = run_copy
     _corrupt(str(model_dir / "checkpoints" / "2"), "truncated_file")
@@ -364,6 +369,7 @@ BLOW_UP = [
 ]
 
 
+@pytest.mark.slow
 def test_an_update_that_overflows_the_parameters_stops_and_is_never_saved(capsys, tmp_path, suite):
     model_dir = tmp_path / "run"
     code, _, err = run_cli(capsys, flags(model_dir, suite, *BLOW_UP, steps=4))
@@ -377,6 +383,7 @@ def test_an_update_that_overflows_the_parameters_stops_and_is_never_saved(capsys
     assert checkpointing.all_finite(restored["state"])
 
 
+@pytest.mark.slow
 def test_skip_rolls_a_bad_update_back_and_gives_up_after_too_many(capsys, tmp_path, suite):
     model_dir = tmp_path / "run"
     argv = flags(model_dir, suite, *BLOW_UP, "--gin.train.on_nonfinite='skip'", steps=4)
