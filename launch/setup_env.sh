@@ -53,7 +53,12 @@ if [[ ! -x "$venv/bin/python" || "$ready" != 1 ]]; then
     | { grep -v "^WARNING: Location '" || true; }
   "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -e "$repo" 2>&1 \
     | { grep -v "^WARNING: Location '" || true; }
-  TF_CPP_MIN_LOG_LEVEL=3 "$venv/bin/python" -c "import jax, flax, optax, orbax.checkpoint, gin, $check, tagi_jax"
+  # TensorFlow logs a few lines at import whatever its log level: shown only if the check fails
+  if ! imported="$("$venv/bin/python" -c "import jax, flax, optax, orbax.checkpoint, gin, $check, tagi_jax" 2>&1)"; then
+    echo "$imported" >&2
+    echo "error: the new environment cannot import what it installed" >&2
+    exit 1
+  fi
   if [[ "$install" == "test" ]]; then
     printf '%s\n%s\n' "$want_run" "$want_test" > "$stamp"
   else

@@ -175,14 +175,17 @@ def test_resume_starts_at_batch_k_without_formatting_batches_before(suite, monke
     resumed = _take(_stream(data.task, start=k), 3)
     for a, b in zip(straight[k:], resumed, strict=True):
         _assert_same(a, b)
-    # only what 3 batches (and the pipeline's read-ahead) need, never the k * 8 before
-    assert 0 < formatted.calls <= 8 * BATCH < k * BATCH, formatted.calls
+    # only what 3 batches and the pipeline's read-ahead need, never the k * 8 before: tf.data
+    # autotunes its parallel maps, so the read-ahead grows when the CPU is contended (up to
+    # ~5 batches seen with two test processes on two cores); a replay would be >= k * 8
+    assert 0 < formatted.calls < k * BATCH // 4, formatted.calls
     # and one process of two formats only its rows
     formatted.settle()
     half = _take(_stream(data.task, rows=range(4), start=k), 3)
     for a, b in zip(straight[k:], half, strict=True):
         _assert_same({key: v[:4] for key, v in a.items()}, b)
-    assert 0 < formatted.calls <= 8 * BATCH // 2, formatted.calls
+    # 12 rows + read-ahead (<= 35 seen under contention); whole batches would be twice that
+    assert 0 < formatted.calls < 6 * BATCH, formatted.calls
 
 
 # --- two processes --------------------------------------------------------------------------
@@ -322,14 +325,16 @@ def test_p3_mixture_per_host_and_resumed(p3_dirs, fmt, monkeypatch):
     source = tasks.indexed_source(mixture, 0)
     assert source.cap == 5 and len(source.sizes) > 3 and min(source.sizes) > 5
     lengths = (("inputs", 256), ("hyper_inputs", 256), ("teacher_inputs", 256), ("targets", 16))
-    k = 7  # past the first epoch (5 rows of each task)
+    k = 24  # epochs in (5 rows of each task an epoch)
     straight = _take(_stream(mixture, lengths=lengths), k + 2)
     read = _Counter(monkeypatch, p3_tasks, "_example").settle()
     first = _take(_stream(mixture, rows=range(4), start=k, lengths=lengths), 2)
     second = _take(_stream(mixture, rows=range(4, 8), start=k, lengths=lengths), 2)
     for w, a, b in zip(straight[k:], first, second, strict=True):
         _assert_same(w, {key: np.concatenate([a[key], b[key]]) for key in w})
-    assert 0 < read.calls <= 2 * 6 * BATCH // 2 < k * BATCH, read.calls
+    # 2 x 2 half batches + read-ahead (autotuned: more under CPU contention), never the
+    # k * 8 examples before (a replay reads all of them)
+    assert 0 < read.calls < k * BATCH // 2, read.calls
     if fmt == "jsonl":  # the examples are the seqio task's (tokenization, EOS, ids)
         member = seqio.get_mixture_or_task(mixture).tasks[1]
         task_id = sorted(os.listdir(p3_dirs[fmt])).index(member.name[len(f"{prefix}_p3_") :])
@@ -356,14 +361,16 @@ def test_local_c4_per_host_and_resumed(tmp_path, monkeypatch):
     tasks.register_tasks(vocabulary=BYTES, c4_files=files, prefix="host")
     task = "host_c4_pretrain"
     lengths = (("inputs", 256), ("hyper_inputs", 256), ("targets", 256))
-    k = 9  # 60 documents an epoch
+    k = 20  # 60 documents an epoch
     straight = _take(_stream(task, with_teacher=False, lengths=lengths), k + 2)
     read = _Counter(monkeypatch, c4, "_document").settle()
     first = _take(_stream(task, rows=range(4), start=k, with_teacher=False, lengths=lengths), 2)
     second = _take(_stream(task, rows=range(4, 8), start=k, with_teacher=False, lengths=lengths), 2)
     for w, a, b in zip(straight[k:], first, second, strict=True):
         _assert_same(w, {key: np.concatenate([a[key], b[key]]) for key in w})
-    assert 0 < read.calls <= 2 * 6 * BATCH // 2 < k * BATCH, read.calls
+    # 2 x 2 half batches + read-ahead (autotuned: more under CPU contention), never the
+    # k * 8 examples before (a replay reads all of them)
+    assert 0 < read.calls < k * BATCH // 2, read.calls
     # a document long enough splits as the seqio task splits it; "tiny" too, shorter
     epoch = _rows(_take(_stream(task, with_teacher=False, lengths=lengths), 60 // BATCH))
     conv = feature_converter.TagiFeatureConverter(with_teacher=False)
