@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tagi_jax import configurables, gin_configs
+from tagi_jax.data import tokens as tokens_lib
 from tagi_jax.data.pipeline import MODEL_FEATURES
 from tagi_jax.distill import losses
 from tagi_jax.models import trainable
@@ -50,7 +51,7 @@ def random_batch(
         "encoder_input_tokens": tokens(enc),
         "hyper_input_tokens": tokens(hyper),
         "decoder_target_tokens": targets,
-        "decoder_input_tokens": np.concatenate([np.zeros_like(targets[:, :1]), targets[:, :-1]], 1),
+        "decoder_input_tokens": tokens_lib.shift_right(targets),
         "decoder_loss_weights": np.ones_like(targets),
     }
 

@@ -70,22 +70,6 @@ def flags(model_dir, suite, *extra, steps=2):
     ]
 
 
-def run_cli(capsys, argv):
-    """``python -m tagi_jax.train argv`` in this process: (exit status, stdout, stderr)."""
-    capsys.readouterr()
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        code = train_cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    finally:
-        os.chdir(cwd)
-        gin.clear_config()
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def error_line(err: str) -> str:
     """The one ``error:`` line of a failed run (asserting there is exactly one)."""
     lines = [line for line in err.splitlines() if line.startswith("error:")]
@@ -158,9 +142,9 @@ CONFIG_CASES = {
 
 
 @pytest.mark.parametrize("extra,message", CONFIG_CASES.values(), ids=CONFIG_CASES.keys())
-def test_configuration_errors_are_one_line_exit_2(capsys, tmp_path, suite, extra, message):
+def test_configuration_errors_are_one_line_exit_2(run_main, tmp_path, suite, extra, message):
     model_dir = tmp_path / "run"
-    code, _, err = run_cli(capsys, flags(model_dir, suite, *extra))
+    code, _, err = run_main(train_cli.main, flags(model_dir, suite, *extra))
     assert code == 2, err[-2000:]
     assert message in error_line(err)
     assert not (model_dir / "checkpoints").exists()  # refused before anything was written
@@ -170,11 +154,11 @@ def test_configuration_errors_are_one_line_exit_2(capsys, tmp_path, suite, extra
 
 
 @pytest.mark.slow
-def test_resume_at_its_step_count_says_it_is_finished_and_writes_nothing(capsys, run_copy, suite):
+def test_resume_at_its_step_count_says_it_is_finished_and_writes_nothing(run_main, run_copy, suite):
     model_dir, base = run_copy
     before = listing(model_dir)
-    code, out, err = run_cli(
-        capsys, flags(model_dir, suite, f"--gin.train.base_checkpoint='{base}'", steps=2)
+    code, out, err = run_main(
+        train_cli.main, flags(model_dir, suite, f"--gin.train.base_checkpoint='{base}'", steps=2)
     )
     assert code == 0, err[-2000:]
     assert "already finished its 2 steps" in out and "TRAIN_STEPS above 2" in out
@@ -204,36 +188,36 @@ RESUME_CASES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra,message", RESUME_CASES.values(), ids=RESUME_CASES.keys())
-def test_resume_refuses_a_checkpoint_it_does_not_fit(capsys, run_copy, suite, extra, message):
+def test_resume_refuses_a_checkpoint_it_does_not_fit(run_main, run_copy, suite, extra, message):
     model_dir, base = run_copy
     before = listing(model_dir)
     argv = flags(model_dir, suite, f"--gin.train.base_checkpoint='{base}'", *extra, steps=4)
-    code, _, err = run_cli(capsys, argv)
+    code, _, err = run_main(train_cli.main, argv)
     assert code == 2, err[-2000:]
     assert message in error_line(err)
     assert listing(model_dir) == before  # run files, checkpoints, metrics: untouched
 
 
 @pytest.mark.slow
-def test_resume_refuses_another_base_behind_the_same_path(capsys, run_copy, suite):
+def test_resume_refuses_another_base_behind_the_same_path(run_main, run_copy, suite):
     model_dir, base = run_copy
     shutil.rmtree(base)
     write_base(base, seed=1)  # same path, same shapes, other weights
     before = listing(model_dir)
     argv = flags(model_dir, suite, f"--gin.train.base_checkpoint='{base}'", steps=4)
-    code, _, err = run_cli(capsys, argv)
+    code, _, err = run_main(train_cli.main, argv)
     assert code == 2, err[-2000:]
     assert "another base checkpoint" in error_line(err)
     assert listing(model_dir) == before
 
 
 @pytest.mark.slow
-def test_a_second_trainer_on_the_same_directory_is_refused(capsys, run_copy, suite):
+def test_a_second_trainer_on_the_same_directory_is_refused(run_main, run_copy, suite):
     model_dir, base = run_copy
     before = listing(model_dir)
     with checkpointing.RunLock(str(model_dir)):  # the first trainer, still running
         argv = flags(model_dir, suite, f"--gin.train.base_checkpoint='{base}'", steps=4)
-        code, _, err = run_cli(capsys, argv)
+        code, _, err = run_main(train_cli.main, argv)
     assert code == 2, err[-2000:]
     line = error_line(err)
     assert "another trainer is running" in line and f"pid {os.getpid()}" in line
@@ -241,11 +225,11 @@ def test_a_second_trainer_on_the_same_directory_is_refused(capsys, run_copy, sui
 
 
 @pytest.mark.slow
-def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_run_resumes(capsys, run_copy, suite):
+def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_run_resumes(run_main, run_copy, suite):
     model_dir, base = run_copy
     _corrupt(str(model_dir / "checkpoints" / "2"), "truncated_file")
     argv = flags(model_dir, suite, f"--gin.train.base_checkpoint='{base}'", steps=3)
-    code, out, err = run_cli(capsys, argv)
+    code, out, err = run_main(train_cli.main, argv)
     assert code == 0, err[-3000:]
     assert "checkpoint step 2 is corrupt: moved aside to" in out and "resuming from step 1" in out
     assert "steps 1->3" in out
@@ -370,9 +354,11 @@ BLOW_UP = [
 
 
 @pytest.mark.slow
-def test_an_update_that_overflows_the_parameters_stops_and_is_never_saved(capsys, tmp_path, suite):
+def test_an_update_that_overflows_the_parameters_stops_and_is_never_saved(
+    run_main, tmp_path, suite
+):
     model_dir = tmp_path / "run"
-    code, _, err = run_cli(capsys, flags(model_dir, suite, *BLOW_UP, steps=4))
+    code, _, err = run_main(train_cli.main, flags(model_dir, suite, *BLOW_UP, steps=4))
     assert code == 2, err[-2000:]
     line = error_line(err)
     assert "the update of step 2 made the parameters or optimizer state non-finite" in line
@@ -384,10 +370,10 @@ def test_an_update_that_overflows_the_parameters_stops_and_is_never_saved(capsys
 
 
 @pytest.mark.slow
-def test_skip_rolls_a_bad_update_back_and_gives_up_after_too_many(capsys, tmp_path, suite):
+def test_skip_rolls_a_bad_update_back_and_gives_up_after_too_many(run_main, tmp_path, suite):
     model_dir = tmp_path / "run"
     argv = flags(model_dir, suite, *BLOW_UP, "--gin.train.on_nonfinite='skip'", steps=4)
-    code, out, err = run_cli(capsys, argv)
+    code, out, err = run_main(train_cli.main, argv)
     assert code == 2, err[-2000:]
     assert "batches in a row" in error_line(err)
     # every skipped update was undone: the state stayed finite, so checkpoint 1 is the last
